@@ -1,0 +1,35 @@
+"""dit_jax: Diffusion Transformers (DiT) in JAX/Flax, exact to the official PyTorch code."""
+import setuptools
+
+setuptools.setup(
+    name="dit_jax",
+    version="0.1.0",
+    description="Diffusion Transformers (Peebles & Xie 2023) in JAX/Flax for TPU and GPU.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["dit_jax", "dit_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "jaxlib>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",
+        "ml-collections>=1.1.0",
+        "numpy>=2.0",
+        "pillow>=10.0",
+        "scikit-learn>=1.3",
+        "tensorboardX>=2.6",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        # Reading official `.pt` checkpoints (torch.load(weights_only=True)).
+        "torch": ["torch==2.13.0"],
+        # The ImageNet path: tfds image readers need TensorFlow.
+        "imagenet": ["tensorflow-cpu>=2.16"],
+        "test": ["pytest>=8.0", "torch==2.13.0"],
+    },
+)

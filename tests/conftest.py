@@ -1,0 +1,55 @@
+"""Test set-up shared by every test file.
+
+Runs on CPU with 8 simulated devices (so sharding tests see a real mesh) and with most XLA
+optimisations disabled: the test models are tiny, so compile time dominates and this roughly
+halves the suite's wall time. Both are environment variables so that subprocesses started by
+tests (resume, multi-host, demo smoke runs) inherit them. They must be set before jax is
+imported, which is why this file sets them at import time.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+DATA_DIR = pathlib.Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+  return DATA_DIR
+
+
+def _load(name):
+  with np.load(DATA_DIR / name) as z:
+    return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def ref_a():
+  """Reference vectors of config A (patch 2, learn_sigma=True); see tests/data/README.md."""
+  return _load("model_tiny.npz")
+
+
+@pytest.fixture(scope="session")
+def ref_b():
+  """Reference vectors of config B (patch 4, learn_sigma=False, depth 3)."""
+  return _load("model_tiny_p4.npz")
+
+
+@pytest.fixture(scope="session")
+def ref_diffusion():
+  """Diffusion tables and one-step functions of the official code."""
+  return _load("diffusion.npz")
+
+
+def rel_err(ours, ref) -> float:
+  """max|ours - ref| / max|ref|, the parity measure used throughout the tests."""
+  ours = np.asarray(ours, np.float64)
+  ref = np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
