@@ -26,7 +26,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     raise ValueError(f"statistics differ in shape: {mu1.shape}/{sigma1.shape} vs "
                      f"{mu2.shape}/{sigma2.shape}")
   diff = mu1 - mu2
-  covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     # Singular product: regularise as ADM's evaluator does.
     offset = np.eye(sigma1.shape[0]) * eps
