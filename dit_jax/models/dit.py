@@ -1,0 +1,409 @@
+"""The Diffusion Transformer (Peebles & Xie 2023), exact to the official `models.py`.
+
+Owns `DiT`, its blocks and final layers. NHWC in, NHWC out:
+
+  x_tok = PatchEmbed(x) + pos_embed                      (N, T, D), pos_embed a fixed constant
+  c     = TimestepEmbedder(t) + LabelEmbedder(y)         (N, D)
+  x_tok = block_i(x_tok, c)                              i = 0..depth-1
+  out   = unpatchify(final_layer(x_tok, c))              (N, H, W, oc), oc = 2C if learn_sigma
+
+With `LN` a parameter-free LayerNorm (eps 1e-6) and `mod(u, shift, scale) = u (1 + scale) + shift`,
+the official **adaLN-Zero** block is
+
+  (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) = adaLN_modulation_1(SiLU(c))
+  x = x + gate_msa * Attn(mod(LN(x), shift_msa, scale_msa))
+  x = x + gate_mlp * MLP(mod(LN(x), shift_mlp, scale_mlp))
+
+with `adaLN_modulation_1` (6D outputs) zero-initialised, so every block is the identity at
+init, and the final layer `linear(mod(LN(x), shift, scale))`, `(shift, scale)` from a
+zero-initialised `adaLN_modulation_1` (2D), `linear` zero-initialised too (the model outputs
+exactly 0 at init). Attn is multi-head `softmax(q k^T / sqrt(hd)) v` with a single `qkv` Dense
+(output features `[q | k | v]`, head h = features `h*hd..(h+1)*hd-1` inside each) and `proj`;
+MLP is `fc2(GELU_tanh(fc1(u)))`, hidden `int(D * mlp_ratio)`. All other Dense kernels are
+xavier-uniform, all biases zero, as the official `initialize_weights`.
+
+The paper's other conditioning designs (section 3.2), selected with `block_type`. The paper
+does not fix every detail; the choices made here are:
+
+* ``"adaLN"``: the adaLN-Zero block without gates: `x = x + Attn(mod(LN(x), ...))`,
+  `x = x + MLP(mod(LN(x), ...))`; `adaLN_modulation_1` has 4D outputs
+  (shift_msa, scale_msa, shift_mlp, scale_mlp) and a standard xavier-uniform kernel (zero
+  bias), likewise the final layer's 2D modulation. The final `linear` stays zero-initialised
+  in every design (the official "zero-out output layers"), so all designs output 0 at init.
+* ``"in-context"``: standard pre-LN ViT blocks (`norm1`, `norm2`: LayerNorm with affine
+  parameters, eps 1e-6): `x = x + Attn(norm1(x))`, `x = x + MLP(norm2(x))`. The embeddings of
+  t and y are appended, in that order, as two extra tokens after the T image tokens (no
+  position embedding is added to them; they are learned vectors already), so the blocks see
+  T + 2 tokens; the two are dropped after the last block. Final layer: `norm_final`
+  (affine LayerNorm) then `linear`.
+* ``"cross-attention"``: the in-context block with a multi-head cross-attention layer after
+  self-attention, over the length-two sequence `[t_emb, y_emb]` (not normalised):
+  `x = x + Attn(norm1(x))`, `x = x + CrossAttn(norm2(x), [t_emb, y_emb])`,
+  `x = x + MLP(norm3(x))`. CrossAttn has `q` (D), `kv` (2D, `[k | v]`) and `proj` Dense
+  layers, xavier-uniform. Final layer as in-context.
+
+Precision: parameters are stored in `param_dtype` and the computation runs in `dtype`
+(e.g. bfloat16); LayerNorm statistics and the attention softmax are computed in float32, and
+the timestep frequencies are always float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax.models import embeddings
+
+Dtype = Any
+
+BLOCK_TYPES = ("adaLN-Zero", "adaLN", "in-context", "cross-attention")
+ATTENTION_IMPLS = ("xla", "cudnn", None)
+LN_EPS = 1e-6
+
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+
+
+def to_dtype(field: str, value: Union[str, Dtype]) -> jnp.dtype:
+  """`"bfloat16"` / `jnp.bfloat16` -> a floating numpy dtype, or a ValueError naming `field`."""
+  try:
+    dt = jnp.dtype(value)
+  except TypeError as e:
+    raise ValueError(f"{field}={value!r} is not a dtype name (e.g. 'float32', 'bfloat16')") from e
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"{field}={value!r} must be a floating dtype (e.g. 'float32', 'bfloat16')")
+  return dt
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def layer_norm(name: Optional[str] = None, affine: bool = False, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  """LayerNorm with eps 1e-6 and exact (two-pass) float32 statistics, like torch."""
+  return nn.LayerNorm(epsilon=LN_EPS, use_bias=affine, use_scale=affine,
+                      use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention (timm `Attention`): single `qkv` Dense, then `proj`.
+
+  Attributes:
+    num_heads: number of heads; head dim = D / num_heads.
+    attention_impl: `jax.nn.dot_product_attention` implementation ("xla", "cudnn", None).
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+  """
+  num_heads: int
+  attention_impl: Optional[str] = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, t, d = x.shape
+    hd = d // self.num_heads
+    dense = lambda f, name: nn.Dense(f, kernel_init=xavier, bias_init=zeros, dtype=self.dtype,  # noqa: E731
+                                     param_dtype=self.param_dtype, name=name)
+    qkv = dense(3 * d, "qkv")(x).reshape(n, t, 3, self.num_heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    return dense(d, "proj")(o.reshape(n, t, d))
+
+
+class CrossAttention(nn.Module):
+  """Multi-head cross-attention of `x` (queries) over `context` (keys and values).
+
+  Attributes:
+    num_heads: number of heads; head dim = D / num_heads.
+    attention_impl: `jax.nn.dot_product_attention` implementation.
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+  """
+  num_heads: int
+  attention_impl: Optional[str] = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    n, t, d = x.shape
+    s = context.shape[1]
+    hd = d // self.num_heads
+    dense = lambda f, name: nn.Dense(f, kernel_init=xavier, bias_init=zeros, dtype=self.dtype,  # noqa: E731
+                                     param_dtype=self.param_dtype, name=name)
+    q = dense(d, "q")(x).reshape(n, t, self.num_heads, hd)
+    kv = dense(2 * d, "kv")(context).reshape(n, s, 2, self.num_heads, hd)
+    o = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1],
+                                     implementation=self.attention_impl)
+    return dense(d, "proj")(o.reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+  """`fc2(GELU_tanh(fc1(x)))` (timm `Mlp`).
+
+  Attributes:
+    hidden_features: width of fc1.
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+  """
+  hidden_features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    dense = lambda f, name: nn.Dense(f, kernel_init=xavier, bias_init=zeros, dtype=self.dtype,  # noqa: E731
+                                     param_dtype=self.param_dtype, name=name)
+    x = nn.gelu(dense(self.hidden_features, "fc1")(x), approximate=True)
+    return dense(d, "fc2")(x)
+
+
+class DiTBlock(nn.Module):
+  """One transformer block of the chosen conditioning design (see the module docstring).
+
+  `__call__(x, cond)`: `cond` is `c = t_emb + y_emb` `(N, D)` for the adaLN designs, the
+  `(N, 2, D)` sequence `[t_emb, y_emb]` for cross-attention, and ignored for in-context
+  (the conditioning tokens are already part of `x`).
+
+  Attributes:
+    num_heads: attention heads.
+    mlp_ratio: MLP hidden width / D.
+    block_type: one of `BLOCK_TYPES`.
+    attention_impl: `jax.nn.dot_product_attention` implementation.
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  block_type: str = "adaLN-Zero"
+  attention_impl: Optional[str] = "xla"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = Attention(self.num_heads, self.attention_impl, name="attn", **kw)
+    mlp = Mlp(int(d * self.mlp_ratio), name="mlp", **kw)
+    if self.block_type in ("adaLN-Zero", "adaLN"):
+      zero = self.block_type == "adaLN-Zero"
+      mod = nn.Dense((6 if zero else 4) * d, kernel_init=zeros if zero else xavier,
+                     bias_init=zeros, name="adaLN_modulation_1", **kw)(nn.silu(cond))
+      norm = layer_norm(dtype=self.dtype)
+      if zero:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
+        x = x + gate_msa[:, None] * attn(modulate(norm(x), shift_msa, scale_msa))
+        x = x + gate_mlp[:, None] * mlp(modulate(norm(x), shift_mlp, scale_mlp))
+      else:
+        shift_msa, scale_msa, shift_mlp, scale_mlp = jnp.split(mod, 4, -1)
+        x = x + attn(modulate(norm(x), shift_msa, scale_msa))
+        x = x + mlp(modulate(norm(x), shift_mlp, scale_mlp))
+      return x
+    x = x + attn(layer_norm("norm1", True, **kw)(x))
+    if self.block_type == "cross-attention":
+      cross = CrossAttention(self.num_heads, self.attention_impl, name="cross_attn", **kw)
+      x = x + cross(layer_norm("norm2", True, **kw)(x), cond.astype(self.dtype))
+      return x + mlp(layer_norm("norm3", True, **kw)(x))
+    return x + mlp(layer_norm("norm2", True, **kw)(x))
+
+
+class FinalLayer(nn.Module):
+  """`linear(mod(LN(x), shift, scale))` (adaLN designs) or `linear(norm_final(x))`.
+
+  Attributes:
+    out_features: p * p * out_channels.
+    adaptive: use the adaLN modulation (else an affine LayerNorm, no conditioning).
+    zero_init_modulation: zero-initialise `adaLN_modulation_1` (adaLN-Zero) or xavier.
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+  """
+  out_features: int
+  adaptive: bool = True
+  zero_init_modulation: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, c: Optional[jax.Array]) -> jax.Array:
+    d = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.adaptive:
+      mod = nn.Dense(2 * d, kernel_init=zeros if self.zero_init_modulation else xavier,
+                     bias_init=zeros, name="adaLN_modulation_1", **kw)(nn.silu(c))
+      shift, scale = jnp.split(mod, 2, -1)
+      x = modulate(layer_norm(dtype=self.dtype)(x), shift, scale)
+    else:
+      x = layer_norm("norm_final", True, **kw)(x)
+    x = nn.Dense(self.out_features, kernel_init=zeros, bias_init=zeros, name="linear", **kw)(x)
+    self.sow("intermediates", "out", x)
+    return x
+
+
+def activations(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """Sown intermediates -> `{"x_embedder", "t_freq", "t_embedder", "y_embedder", "block{i}",
+  "final_layer"}` arrays (the names of the reference vectors `fwd/act/*`)."""
+  out = {}
+  for name, value in intermediates.items():
+    if isinstance(value, Mapping):
+      if "out" in value:
+        out[name] = value["out"][0]
+    else:
+      out[name] = value[0]
+  return out
+
+
+class DiT(nn.Module):
+  """Diffusion model with a Transformer backbone; attributes are the official kwargs.
+
+  `__call__(x, t, y, *, train=False, force_drop_ids=None)`: x `(N, H, W, C)` NHWC, t `(N,)`
+  timesteps (int or float, 0..999), y `(N,)` int labels (`num_classes` = null label).
+  Returns `(N, H, W, out_channels)`. In train mode labels are dropped to the null label with
+  probability `class_dropout_prob`, which needs `rngs={"label_dropout": key}`.
+  Activations are sown into the "intermediates" collection (apply with
+  `mutable=["intermediates"]`): `t_freq` and `block{i}` by DiT itself, and the outputs of the
+  submodules `x_embedder` (before `+ pos_embed`), `t_embedder`, `y_embedder` and
+  `final_layer` (before unpatchify) as `<submodule>/out` (a variable cannot share its
+  submodule's name). `activations(state["intermediates"])` flattens them to those names.
+
+  Attributes:
+    input_size: H = W of the (latent) input.
+    patch_size: p.
+    in_channels: C.
+    hidden_size: D.
+    depth: number of blocks.
+    num_heads: attention heads (D must be divisible by it).
+    mlp_ratio: MLP hidden width / D.
+    class_dropout_prob: label dropout probability (> 0 adds the null-class row).
+    num_classes: number of classes.
+    learn_sigma: output 2C channels (eps, v) instead of C.
+    block_type: "adaLN-Zero" (official), "adaLN", "in-context" or "cross-attention".
+    dtype: computation dtype (str or jnp dtype).
+    param_dtype: parameter dtype (str or jnp dtype).
+    attention_impl: `jax.nn.dot_product_attention` implementation: "xla", "cudnn" or None.
+    remat: rematerialise each block (`nn.remat`) in the backward pass; names unchanged.
+  """
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  class_dropout_prob: float = 0.1
+  num_classes: int = 1000
+  learn_sigma: bool = True
+  block_type: str = "adaLN-Zero"
+  dtype: Union[str, Dtype] = "float32"
+  param_dtype: Union[str, Dtype] = "float32"
+  attention_impl: Optional[str] = "xla"
+  remat: bool = False
+
+  def __post_init__(self):
+    self._validate()
+    super().__post_init__()
+
+  def _validate(self):
+    for field in ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
+                  "num_heads", "num_classes"):
+      v = getattr(self, field)
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{field} must be a positive integer, got {v!r}")
+    if self.input_size % self.patch_size:
+      raise ValueError(f"input_size={self.input_size} is not divisible by "
+                       f"patch_size={self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                       f"num_heads={self.num_heads}")
+    if self.hidden_size % 4:
+      raise ValueError(f"hidden_size={self.hidden_size} must be divisible by 4 (2-D sin-cos "
+                       "position embedding)")
+    if not self.mlp_ratio > 0:
+      raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+    if not 0.0 <= self.class_dropout_prob <= 1.0:
+      raise ValueError(f"class_dropout_prob must be in [0, 1], got {self.class_dropout_prob!r}")
+    if self.block_type not in BLOCK_TYPES:
+      raise ValueError(f"block_type={self.block_type!r} is not one of {BLOCK_TYPES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is not one of "
+                       f"{ATTENTION_IMPLS}")
+    to_dtype("dtype", self.dtype)
+    to_dtype("param_dtype", self.param_dtype)
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size ** 2
+
+  def pos_embed(self) -> np.ndarray:
+    """The fixed sin-cos table, float32 `(T, D)` (official `pos_embed[0]`)."""
+    return embeddings.get_2d_sincos_pos_embed(self.hidden_size,
+                                              self.grid_size).astype(np.float32)
+
+  def unpatchify(self, x: jax.Array) -> jax.Array:
+    """`(N, T, p*p*oc)` -> `(N, H, W, oc)`: feature `(a*p + b)*oc + ch` = pixel (a, b)."""
+    n = x.shape[0]
+    p, g, oc = self.patch_size, self.grid_size, self.out_channels
+    x = x.reshape(n, g, g, p, p, oc).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, g * p, g * p, oc)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool = False,
+               force_drop_ids: Optional[jax.Array] = None) -> jax.Array:
+    dtype = to_dtype("dtype", self.dtype)
+    param_dtype = to_dtype("param_dtype", self.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    expected = (self.input_size, self.input_size, self.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+      raise ValueError(f"x must be NHWC (N, {expected[0]}, {expected[1]}, {expected[2]}), "
+                       f"got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if jnp.shape(t) != (n,) or jnp.shape(y) != (n,):
+      raise ValueError(f"t and y must have shape ({n},), got {jnp.shape(t)} and {jnp.shape(y)}")
+
+    tokens = embeddings.PatchEmbed(self.patch_size, self.hidden_size, name="x_embedder",
+                                   **kw)(x.astype(dtype))
+    tokens = tokens + jnp.asarray(self.pos_embed(), dtype)[None]
+
+    t_embedder = embeddings.TimestepEmbedder(self.hidden_size, name="t_embedder", **kw)
+    t_freq = embeddings.timestep_embedding(t, t_embedder.frequency_embedding_size)
+    self.sow("intermediates", "t_freq", t_freq)
+    t_emb = t_embedder.embed_frequencies(t_freq)
+    y_emb = embeddings.LabelEmbedder(self.num_classes, self.hidden_size,
+                                     self.class_dropout_prob, name="y_embedder",
+                                     **kw)(y, train, force_drop_ids)
+
+    adaptive = self.block_type in ("adaLN-Zero", "adaLN")
+    if adaptive:
+      cond = t_emb + y_emb
+    elif self.block_type == "in-context":
+      cond = None
+      tokens = jnp.concatenate([tokens, t_emb[:, None], y_emb[:, None]], axis=1)
+    else:  # cross-attention
+      cond = jnp.stack([t_emb, y_emb], axis=1)
+
+    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    for i in range(self.depth):
+      tokens = block_cls(self.num_heads, self.mlp_ratio, self.block_type, self.attention_impl,
+                         name=f"blocks_{i}", **kw)(tokens, cond)
+      self.sow("intermediates", f"block{i}", tokens)
+    if self.block_type == "in-context":
+      tokens = tokens[:, :self.num_tokens]
+
+    out = FinalLayer(self.patch_size ** 2 * self.out_channels, adaptive=adaptive,
+                     zero_init_modulation=self.block_type == "adaLN-Zero",
+                     name="final_layer", **kw)(tokens, cond if adaptive else None)
+    return self.unpatchify(out)
