@@ -1,0 +1,71 @@
+"""Classifier-free guidance: the official forward_with_cfg combination (model_tiny.npz
+cfg/out from cfg/out_unguided) and properties of the two modes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from dit_jax import diffusion as dd
+
+
+def nhwc(a):
+  return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
+
+
+def test_official_mode_reproduces_forward_with_cfg(ref_a):
+  out = nhwc(ref_a["cfg/out_unguided"])      # [cond half; uncond half], 8 = 2C channels
+  want = nhwc(ref_a["cfg/out"])
+  s = float(ref_a["cfg/scale"])
+  n = out.shape[0] // 2
+  cond, uncond = out[:n], out[n:]
+  guided = dd.combine(cond, uncond, s, "official", 4)
+  # The official doubled output: [g, g] on channels [0, 3), each half's own values after.
+  full = jnp.concatenate([guided, jnp.concatenate([guided[..., :3], uncond[..., 3:]], -1)], 0)
+  assert rel_err(full, want) <= 1e-6
+  assert rel_err(dd.combine(cond, uncond, s, "all", 4), want[:n]) > 1e-3
+
+
+def _fake_model(x, t, y):
+  """Output 2C channels that depend on x, t and y (null label 10 differs from the rest)."""
+  yy = y.astype(jnp.float32)[:, None, None, None]
+  tt = t.astype(jnp.float32)[:, None, None, None] / 1000
+  return jnp.concatenate([x * (1 + yy) + tt, x - yy], axis=-1)
+
+
+def test_guided_fn_scale_one_and_modes():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 4))
+  t = jnp.array([0, 500, 999])
+  y = jnp.array([1, 2, 3])
+  cond = _fake_model(x, t, y)
+  for mode in ("all", "official"):
+    g1 = dd.classifier_free_guidance(_fake_model, 1.0, null_label=10, mode=mode)(x, t, y)
+    np.testing.assert_allclose(g1, cond, rtol=1e-6, atol=1e-6)
+  ga = dd.classifier_free_guidance(_fake_model, 4.0, null_label=10, mode="all")(x, t, y)
+  go = dd.classifier_free_guidance(_fake_model, 4.0, null_label=10, mode="official")(x, t, y)
+  assert ga.shape == go.shape == cond.shape
+  diff_mask = np.abs(np.asarray(ga) - np.asarray(go)).max(axis=(0, 1, 2)) > 0
+  np.testing.assert_array_equal(diff_mask, [False, False, False, True, False, False, False,
+                                            False])
+  np.testing.assert_array_equal(go[..., 3:], cond[..., 3:])  # official: cond values kept
+  np.testing.assert_array_equal(ga[..., 4:], cond[..., 4:])  # variance: cond values kept
+  uncond = _fake_model(x, t, jnp.full_like(y, 10))
+  np.testing.assert_allclose(ga[..., :4], uncond[..., :4] + 4 * (cond[..., :4] - uncond[..., :4]),
+                             rtol=1e-6, atol=1e-5)
+
+
+def test_official_mode_rejects_other_channel_counts():
+  x = jnp.zeros((2, 4, 4, 3))
+  g = dd.classifier_free_guidance(_fake_model, 4.0, null_label=10, mode="official")
+  with pytest.raises(ValueError, match="C=3"):
+    g(x, jnp.array([1, 2]), jnp.array([0, 1]))
+  with pytest.raises(ValueError, match="C=1"):
+    dd.combine(jnp.zeros((1, 2)), jnp.zeros((1, 2)), 2.0, "official", 1)
+  with pytest.raises(ValueError, match="'half'"):
+    dd.classifier_free_guidance(_fake_model, 4.0, null_label=10, mode="half")
+  # "all" works for any channel count, also inside a sampling loop under jit.
+  ga = dd.classifier_free_guidance(_fake_model, 2.0, null_label=10)
+  diff = dd.create_diffusion("3")
+  y = jnp.array([0, 1])
+  out = jax.jit(lambda z: dd.ddim_sample_loop(diff, lambda x, t: ga(x, t, y) * 0.1, z, None))(x)
+  assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
