@@ -68,7 +68,8 @@ def create_source(config_data, split: str | None = None) -> Source:
     split: the split to read; None reads `config_data.split` (default "train").
       digits: "train" | "heldout" | "all"; image_folder: "train" reads `data_dir` itself
       unless `data_dir/<split>` is a directory, which is read for any split; imagenet2012:
-      any TFDS split string ("train", "validation", "train[:10%]", ...).
+      any TFDS split string ("train", "validation", "train[:10%]", ...); "heldout" is an
+      alias of "validation", so every source has "train" and "heldout".
 
   Raises:
     ValueError: unknown name, or a `num_classes` / `image_size` that contradicts the data.
@@ -103,7 +104,7 @@ def create_source(config_data, split: str | None = None) -> Source:
     if image_size is None:
       raise ValueError("config.data.image_size is required for imagenet2012")
     source = imagenet.TfdsImageSource(
-        split=split, image_size=image_size, data_dir=data_dir or None,
+        split="validation" if split == "heldout" else split, image_size=image_size, data_dir=data_dir or None,
         manual_dir=_get(config_data, "manual_dir") or None,
         prepare=bool(_get(config_data, "prepare", True)))
   else:

@@ -233,6 +233,8 @@ def test_tfds_imagenet_source(tiny_imagenet):
     seen.add(fname)
   assert seen == set(examples["train"])
   assert len(ip.create_source(cfg, "validation")) == 4
+  assert len(ip.create_source(cfg, "heldout")) == 4  # alias
+  imagenet.prepare_tfds_dataset("imagenet2012", data_dir=data_dir, manual_dir=None)  # no-op
   # The iterator over it: process slices add up to the global batch, labels as stored.
   make = lambda p, count: ip.make_iterator(  # noqa: E731
       src, _config(num_workers=2), global_batch_size=8, process_index=p,
@@ -251,6 +253,8 @@ def test_tfds_unprepared_without_tensorflow(tmp_path):
                 manual_dir=str(tmp_path / "manual"))
   with pytest.raises(ImportError, match="TensorFlow.*imagenet"):
     ip.create_source(cfg, "train")
+  with pytest.raises(ImportError, match="TensorFlow"):
+    imagenet.prepare_tfds_dataset("imagenet2012", data_dir=str(tmp_path), manual_dir="m")
   with pytest.raises(FileNotFoundError, match="not prepared"):
     ip.create_source(_config(name="imagenet2012", data_dir=str(tmp_path), image_size=8,
                              prepare=False), "train")
