@@ -34,7 +34,7 @@ is_dry_run() {
 handle_args() {
   if [[ $# -gt 0 ]]; then
     if [[ "$1" == "-h" || "$1" == "--help" ]]; then
-      sed -n '2,/^[^#]/{/^#/!q;s/^# \{0,1\}//;p}' "$0"
+      sed -n '2,/^[^#]/{/^#SBATCH/q;/^#/!q;s/^# \{0,1\}//;p}' "$0"
       exit 0
     fi
     die "takes no arguments (got '$*'); configure it with environment variables, see --help"
