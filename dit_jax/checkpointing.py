@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping
 
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
@@ -98,7 +99,12 @@ def create_manager(workdir: str, config_checkpoint) -> ocp.CheckpointManager:
       create=True,
   )
   directory = epath.Path(workdir) / "checkpoints"
-  return ocp.CheckpointManager(directory, options=options, item_names=(STATE, META))
+  return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+
+
+def _item_handlers():
+  # Explicit handlers (rather than item_names) so that item_metadata() can read a step's tree.
+  return {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
 
 
 def latest_step(manager: ocp.CheckpointManager) -> int | None:
@@ -251,3 +257,27 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: PyTree,
   if int(meta.get("step", step)) != step:
     raise ValueError(f"Checkpoint {step}: meta['step']={meta['step']} differs from its step.")
   return state, meta
+
+
+def load_on_host(workdir: str, step: int | None = None) -> tuple[PyTree, dict]:
+  """Reads a checkpoint of `<workdir>/checkpoints` (default: the latest) as numpy arrays.
+
+  For tools and tests (comparing runs, exporting weights): no mesh or abstract state needed; the
+  tree comes back as nested dicts/lists of np.ndarray (custom pytree nodes such as TrainState
+  or optax states become dicts/lists; empty nodes become None), whatever mesh or number of
+  processes wrote it. Returns (state_tree, meta).
+  """
+  directory = epath.Path(workdir) / "checkpoints"
+  manager = ocp.CheckpointManager(
+      directory, item_handlers=_item_handlers(),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                           save_interval_steps=0))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No finalized checkpoint in {directory}.")
+  tree = manager.item_metadata(step)[STATE].tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  state, meta = restore(manager, step, target)
+  manager.close()
+  return jax.tree.map(np.asarray, state), meta

@@ -129,6 +129,13 @@ def test_round_trip_bit_exact(tmp_path, use_async):
   assert meta["step"] == 7 and meta["data_position"] == 56
   assert checkpointing.config_mismatches(meta["config"], config) == []
 
+  # The same arrays read onto the host without a target (as tools and tests do).
+  on_host, host_meta = checkpointing.load_on_host(str(tmp_path))
+  assert host_meta == meta
+  np.testing.assert_equal(on_host["params"], jax.tree.map(np.asarray, state.params))
+  np.testing.assert_equal(on_host["ema_params"], jax.tree.map(np.asarray, state.ema_params))
+  assert int(on_host["step"]) == 7
+
 
 @pytest.mark.parametrize("save_on,restore_on", [
     ("fsdp8", "replicated"), ("fsdp8", "2x4"), ("fsdp8", "one"),
