@@ -1,0 +1,116 @@
+r"""Tiny testing config: a 2-block DiT on the 8x8 digits, a handful of steps.
+
+Used by the tests (tests/test_train.py, tests/test_main.py, the resume and multi-host tests) and
+as a quick smoke run of the whole training path:
+
+  python -m dit_jax.main --config=configs/testing.py --workdir=/tmp/dit_testing
+
+Expected result: finishes in well under a minute on a laptop CPU; the workdir then holds
+TensorBoard events (train/loss, ...), `checkpoints/`, `grid_<step>.png`, `samples.npz`
+(10 uint8 8x8x1 images in arr_0, labels 0..9 in arr_1) and `samples_grid.png`. The samples are
+noise-like: the model is far too small and short-trained to draw digits (see configs/digits.py).
+"""
+import ml_collections as mc
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  """Returns the locked testing config; `arg` is unused."""
+  del arg
+  config = mc.ConfigDict()
+  config.seed = 0
+  config.total_steps = 4
+  config.global_batch_size = 16
+
+  config.data = mc.ConfigDict()
+  config.data.name = "digits"
+  config.data.image_size = 8
+  config.data.data_dir = config_dict.placeholder(str)
+  config.data.manual_dir = config_dict.placeholder(str)
+  config.data.split = "train"
+  config.data.random_flip = False  # Digits are not mirror-symmetric.
+  config.data.num_classes = 10
+  config.data.shuffle = True
+  config.data.num_workers = 2  # Decoding threads (file-based sources).
+  config.data.prefetch = 2  # Batches decoded ahead.
+
+  config.latent = mc.ConfigDict()
+  config.latent.encoder = "none"  # Pixel space.
+  config.latent.scale_factor = 1.0
+  config.latent.channels = 4
+  config.latent.downsample = 8
+
+  config.diffusion = mc.ConfigDict()
+  config.diffusion.timestep_respacing = ""
+  config.diffusion.noise_schedule = "linear"
+  config.diffusion.diffusion_steps = 1000
+  config.diffusion.learn_sigma = True
+  config.diffusion.sigma_small = False
+
+  config.model = mc.ConfigDict()
+  # A named variant supplies patch_size/hidden_size/depth/num_heads/mlp_ratio; any field set
+  # here (not None) overrides it. Here everything is shrunk to a 2-block, width-32 model.
+  config.model.variant = "S/2"
+  config.model.patch_size = config_dict.placeholder(int)
+  config.model.hidden_size = 32
+  config.model.depth = 2
+  config.model.num_heads = 2
+  config.model.mlp_ratio = config_dict.placeholder(float)
+  config.model.input_size = config.data.get_ref("image_size")
+  config.model.in_channels = 1  # Grey digits.
+  config.model.num_classes = config.data.get_ref("num_classes")
+  config.model.learn_sigma = config.diffusion.get_ref("learn_sigma")
+  config.model.class_dropout_prob = 0.1
+  config.model.block_type = "adaLN-Zero"
+  config.model.dtype = "float32"
+  config.model.param_dtype = "float32"
+  config.model.attention_impl = "xla"
+  config.model.remat = False
+
+  config.optimizer = mc.ConfigDict()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.grad_clip_norm = 0.0
+  config.optimizer.warmup_steps = 0
+
+  config.ema = mc.ConfigDict()
+  config.ema.decay = 0.9
+
+  config.mesh = mc.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.strategy = "fsdp"
+
+  config.checkpoint = mc.ConfigDict()
+  config.checkpoint.save_every_steps = 2
+  config.checkpoint.max_to_keep = 2
+  config.checkpoint.keep_every_steps = 0
+  config.checkpoint.async_save = False
+
+  config.logging = mc.ConfigDict()
+  config.logging.log_every_steps = 2
+  config.logging.sample_every_steps = 4
+  config.logging.grid_classes = tuple(range(10))
+  config.logging.grid_samples_per_class = 1
+  config.logging.grid_seed = 0
+  config.logging.grid_scale = 4
+  config.logging.peak_flops_per_device = config_dict.placeholder(float)
+  config.logging.progress_bar = False
+
+  config.sample = mc.ConfigDict()
+  config.sample.sampler = "ddpm"
+  config.sample.num_sampling_steps = 4
+  config.sample.cfg_scale = 2.0
+  config.sample.guidance_mode = "all"
+  config.sample.clip_denoised = False
+  config.sample.final_num_samples_per_class = 1
+  config.sample.batch_size = 16
+  config.sample.seed = 0
+
+  config.eval = mc.ConfigDict()  # FID evaluation arrives with dit_jax/evaluation.
+
+  config.lock()
+  return config

@@ -1,0 +1,78 @@
+r"""Command line entry point: the only module that reads flags.
+
+  python -m dit_jax.main --config=configs/digits.py --workdir=runs/digits
+  python -m dit_jax.main --config=configs/imagenet256.py:variant=XL/2 --workdir=gs://b/run \
+      --config.mesh.fsdp=4 --config.model.dtype=bfloat16
+
+`--config.section.field=value` overrides a config field; a field that does not exist is an
+error (the configs are locked). Re-running the same command on the same workdir resumes from
+its latest checkpoint.
+
+Multi-process runs (several hosts of a TPU pod slice, GPU nodes, or several local processes)
+must call `jax.distributed.initialize()` before anything touches the devices. This is explicit:
+
+  --distributed=auto    `jax.distributed.initialize()` with JAX's auto-detection of the cluster
+                        (Cloud TPU VMs and pod slices, Slurm, Open MPI, Kubernetes JobSets).
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+                        explicit cluster (e.g. two local processes on 127.0.0.1); any of the
+                        three given implies initialisation, missing ones are auto-detected.
+  --distributed=off     never initialise (the default when none of the above is given):
+                        a single process driving all of its local devices.
+
+`--distributed=on` forces initialisation with whatever is given or detected.
+"""
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from dit_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py[:arg]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples "
+                               "(local or gs://).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", None, ["auto", "on", "off"],
+    "Multi-process initialisation: 'auto'/'on' call jax.distributed.initialize(); 'off' "
+    "never does. Default: on iff a --coordinator_address/--num_processes/--process_id is given.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator service.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
+
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def distributed_kwargs(mode, coordinator_address, num_processes, process_id):
+  """None if no initialisation is wanted, else the kwargs for jax.distributed.initialize."""
+  explicit = {k: v for k, v in (("coordinator_address", coordinator_address),
+                                ("num_processes", num_processes),
+                                ("process_id", process_id)) if v is not None}
+  if mode == "off":
+    if explicit:
+      raise ValueError(f"--distributed=off contradicts the given {sorted(explicit)}.")
+    return None
+  if mode is None and not explicit:
+    return None
+  return explicit
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  kwargs = distributed_kwargs(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                              _PROCESS_ID.value)
+  if kwargs is not None:
+    jax.distributed.initialize(**kwargs)
+  logging.info("JAX process %d of %d; %d local / %d global devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  jax.config.config_with_absl()
+  app.run(main)

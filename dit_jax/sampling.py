@@ -1,0 +1,98 @@
+"""Class-conditional sample generation with the EMA parameters (grids and the samples file).
+
+Owns the sampling path used during and after training: a respaced diffusion of
+`sample.num_sampling_steps` steps, classifier-free guidance wrapped around the model function
+(`diffusion.classifier_free_guidance`, null label = num_classes), the ancestral DDPM (or DDIM)
+loop, and decoding to images (identity in pixel space; the VAE decoder for latent configs):
+
+  x_T ~ N(0, I) from fold_in(key, 0);  x_0 = loop(guided_model, x_T, fold_in(key, 1))
+  images = decode(x_0) in [-1, 1]  ->  uint8 = clip(127.5 x + 128, 0, 255)
+
+One jitted function per batch shape; batches are padded to `sample.batch_size` so the final
+samples of any count compile once. The jitted function runs on every process (it is a
+collective under a multi-host mesh) and returns a replicated array; callers write files on
+process 0 only.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dit_jax import diffusion as dd
+from dit_jax import images as image_lib
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def create_sampling_diffusion(config_diffusion, config_sample) -> dd.GaussianDiffusion:
+  """The training diffusion respaced to `num_sampling_steps` ("N" for DDPM, "ddimN" for DDIM)."""
+  steps = int(config_sample.num_sampling_steps)
+  if config_sample.sampler not in SAMPLERS:
+    raise ValueError(f"config.sample.sampler={config_sample.sampler!r}; expected one of "
+                     f"{SAMPLERS}.")
+  respacing = f"ddim{steps}" if config_sample.sampler == "ddim" else str(steps)
+  return dd.create_diffusion(
+      timestep_respacing=respacing,
+      noise_schedule=config_diffusion.noise_schedule,
+      diffusion_steps=int(config_diffusion.diffusion_steps),
+      learn_sigma=bool(config_diffusion.learn_sigma),
+      sigma_small=bool(config_diffusion.sigma_small))
+
+
+def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode: str,
+           sampler: str, clip_denoised: bool, latent_shape: tuple[int, int, int],
+           decode_fn: Callable | None):
+  """Pure: images in [-1, 1] (N, H, W, C) for `labels` (N,), from `key`."""
+  n = labels.shape[0]
+  noise = jax.random.normal(jax.random.fold_in(key, 0), (n,) + tuple(latent_shape), jnp.float32)
+
+  def model_fn(x, t, y):
+    return model.apply({"params": params}, x, t, y)
+
+  if cfg_scale != 1.0:
+    model_fn = dd.classifier_free_guidance(model_fn, cfg_scale, null_label=model.num_classes,
+                                           mode=guidance_mode)
+  loop_fn = lambda x, t: model_fn(x, t, labels)
+  loop_key = jax.random.fold_in(key, 1)
+  if sampler == "ddim":
+    x0 = dd.ddim_sample_loop(diff, loop_fn, noise, loop_key, clip_denoised=clip_denoised)
+  else:
+    x0 = dd.p_sample_loop(diff, loop_fn, noise, loop_key, clip_denoised=clip_denoised)
+  return decode_fn(x0) if decode_fn is not None else x0
+
+
+class Sampler:
+  """Jitted EMA sampling for a fixed batch size; `__call__` returns uint8 numpy images."""
+
+  def __init__(self, model, config, mesh, latent_shape, decode_fn=None,
+               batch_size: int | None = None):
+    self.batch_size = int(batch_size or config.sample.batch_size)
+    diff = create_sampling_diffusion(config.diffusion, config.sample)
+    fn = functools.partial(
+        sample, model=model, diff=diff, cfg_scale=float(config.sample.cfg_scale),
+        guidance_mode=config.sample.guidance_mode, sampler=config.sample.sampler,
+        clip_denoised=bool(config.sample.clip_denoised), latent_shape=tuple(latent_shape),
+        decode_fn=decode_fn)
+    # Replicated output so every process can read it; inputs keep their shardings.
+    self._fn = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+
+  def __call__(self, params, labels: np.ndarray, key: jax.Array) -> np.ndarray:
+    """uint8 (N, H, W, C) samples of `labels`; batch b uses fold_in(key, b)."""
+    labels = np.asarray(labels, np.int32)
+    out = []
+    for b, start in enumerate(range(0, len(labels), self.batch_size)):
+      chunk = labels[start:start + self.batch_size]
+      padded = np.pad(chunk, (0, self.batch_size - len(chunk)))
+      images = self._fn(params, padded, jax.random.fold_in(key, b))
+      out.append(image_lib.to_uint8(np.asarray(images))[:len(chunk)])
+    return np.concatenate(out, axis=0)
+
+
+def grid_labels(classes, per_class: int) -> np.ndarray:
+  """Labels of a grid: each class repeated `per_class` times (one row per class)."""
+  return np.repeat(np.asarray(classes, np.int32), per_class)

@@ -1,0 +1,340 @@
+"""DiT training: the pure train step and the loop that wires data, state, checkpoints and logs.
+
+This module computes nothing itself beyond the step below; the maths lives in `diffusion`, the
+network in `models`, the layout in `sharding`, the state in `train_state`, the on-disk format in
+`checkpointing`, and sample generation in `sampling`.
+
+One step (official DiT train.py, with per-step randomness from fold_in(seed, step)):
+
+  k_t, k_noise, k_drop, k_enc = split(fold_in(rng, state.step), 4)
+  x_0 = encode(images, k_enc)              (latent configs; identity in pixel space)
+  t ~ U{0, ..., T-1},  eps ~ N(0, I)
+  loss = mean_n training_losses(diffusion, model(., ., y; label dropout from k_drop), x_0, t, eps)
+  params <- optax update(grad loss);  ema <- decay * ema + (1 - decay) * params
+
+`train_and_evaluate(config, workdir)` builds the mesh, restores or initialises the sharded state,
+jits the step once (in/out shardings, the state donated), and loops: metrics reach the host only
+on logging and checkpoint steps; a grid of EMA samples every `logging.sample_every_steps`; a
+final checkpoint, and for configs with `sample.final_num_samples_per_class > 0`,
+`<workdir>/samples.npz` (uint8 N x H x W x C in arr_0, labels in arr_1) and
+`<workdir>/samples_grid.png`. Files and metrics are written by process 0 only.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import time
+from typing import Any, Callable
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dit_jax import checkpointing
+from dit_jax import diffusion as dd
+from dit_jax import images as image_lib
+from dit_jax import input_pipeline
+from dit_jax import metrics as metrics_lib
+from dit_jax import sampling
+from dit_jax import sharding
+from dit_jax import train_state as ts
+from dit_jax.models import DiT, variants
+
+PyTree = Any
+EncodeFn = Callable[[jax.Array, jax.Array], jax.Array]  # (images, rng) -> scaled latents.
+DecodeFn = Callable[[jax.Array], jax.Array]  # scaled latents -> images in [-1, 1].
+
+ARCH_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio")
+LATENT_ENCODERS = ("none", "sd-vae-ft-ema", "sd-vae-ft-mse")
+
+
+def build_model(config_model) -> DiT:
+  """The DiT of `config.model`: the variant's architecture, overridden by non-None fields."""
+  kwargs = variants.parse(config_model.variant) if config_model.variant else {}
+  for field in ARCH_FIELDS:
+    value = config_model.get(field)
+    if value is not None:
+      kwargs[field] = value
+  missing = [f for f in ARCH_FIELDS if f not in kwargs]
+  if missing:
+    raise ValueError(f"config.model.variant={config_model.variant!r} leaves {missing} unset; "
+                     f"name a variant (one of {variants.NAMES}) or set these fields.")
+  attention_impl = config_model.attention_impl
+  kwargs.update(
+      input_size=int(config_model.input_size),
+      in_channels=int(config_model.in_channels),
+      num_classes=int(config_model.num_classes),
+      learn_sigma=bool(config_model.learn_sigma),
+      class_dropout_prob=float(config_model.class_dropout_prob),
+      block_type=config_model.block_type,
+      dtype=config_model.dtype,
+      param_dtype=config_model.param_dtype,
+      attention_impl=None if attention_impl in (None, "auto") else attention_impl,
+      remat=bool(config_model.remat))
+  return DiT(**kwargs)
+
+
+def create_diffusion(config_diffusion) -> dd.GaussianDiffusion:
+  """The training diffusion (all T steps unless `timestep_respacing` says otherwise)."""
+  return dd.create_diffusion(
+      timestep_respacing=config_diffusion.timestep_respacing,
+      noise_schedule=config_diffusion.noise_schedule,
+      diffusion_steps=int(config_diffusion.diffusion_steps),
+      learn_sigma=bool(config_diffusion.learn_sigma),
+      sigma_small=bool(config_diffusion.sigma_small))
+
+
+def latent_codec(config_latent, encode_fn: EncodeFn | None = None,
+                 decode_fn: DecodeFn | None = None) -> tuple[EncodeFn | None, DecodeFn | None]:
+  """(encode_fn, decode_fn) of `config.latent`; (None, None) means pixel space.
+
+  A latent encoder is plugged in by passing `encode_fn(images, rng) -> latents` (already
+  multiplied by `config.latent.scale_factor`, as the official `vae.encode(x).sample() * 0.18215`)
+  and `decode_fn(latents) -> images` (dividing by the scale factor first).
+  """
+  name = config_latent.encoder
+  if name not in LATENT_ENCODERS:
+    raise ValueError(f"config.latent.encoder={name!r}; expected one of {LATENT_ENCODERS}.")
+  if name == "none":
+    if encode_fn is not None or decode_fn is not None:
+      raise ValueError("config.latent.encoder='none' (pixel space) but an encode_fn/decode_fn "
+                       "was given.")
+    return None, None
+  if encode_fn is None or decode_fn is None:
+    raise NotImplementedError(
+        f"config.latent.encoder={name!r}: the Flax Stable Diffusion VAE is not available in "
+        "dit_jax yet, so latent training cannot start. Train in pixel space with "
+        "--config.latent.encoder=none (and model.input_size / model.in_channels set to the "
+        "image size and channels), or pass encode_fn/decode_fn to train.train_and_evaluate.")
+  return encode_fn, decode_fn
+
+
+def model_input_shape(config, image_shape, encode_fn: EncodeFn | None) -> tuple[int, int, int]:
+  """(H, W, C) the model sees; checks it against config.model.input_size / in_channels."""
+  if encode_fn is None:
+    shape = tuple(int(s) for s in image_shape)
+  else:
+    out = jax.eval_shape(encode_fn, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32),
+                         jax.random.key(0))
+    shape = tuple(int(s) for s in out.shape[1:])
+  expected = (int(config.model.input_size),) * 2 + (int(config.model.in_channels),)
+  if shape != expected:
+    raise ValueError(
+        f"The model input is {shape} (data images {tuple(image_shape)}, "
+        f"config.latent.encoder={config.latent.encoder!r}) but config.model.input_size="
+        f"{expected[0]}, config.model.in_channels={expected[2]} expect {expected}.")
+  return shape
+
+
+def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
+               diffusion: dd.GaussianDiffusion, tx: optax.GradientTransformation,
+               ema_decay: float, encode_fn: EncodeFn | None = None,
+               lr_schedule: optax.Schedule | None = None) -> tuple[ts.TrainState, dict]:
+  """One optimizer step on `batch` = {"image": (N,H,W,C) in [-1,1], "label": (N,)}; pure."""
+  k_t, k_noise, k_drop, k_enc = jax.random.split(jax.random.fold_in(rng, state.step), 4)
+  x_start = batch["image"].astype(jnp.float32)
+  if encode_fn is not None:
+    x_start = encode_fn(x_start, k_enc)
+  y = batch["label"]
+  n = x_start.shape[0]
+  t = jax.random.randint(k_t, (n,), 0, diffusion.num_timesteps)
+  noise = jax.random.normal(k_noise, x_start.shape, jnp.float32)
+
+  def loss_fn(params):
+    def model_fn(x_t, model_t):
+      return model.apply({"params": params}, x_t, model_t, y, train=True,
+                         rngs={"label_dropout": k_drop})
+    terms = dd.training_losses(diffusion, model_fn, x_start, t, noise)
+    return jnp.mean(terms["loss"]), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                            state.ema_params, params)
+  metrics = {
+      "train/loss": loss,
+      "train/mse": jnp.mean(terms["mse"]),
+      "train/vb": jnp.mean(terms["vb"]) if "vb" in terms else jnp.zeros(()),
+      "train/grad_norm": optax.global_norm(grads),
+  }
+  if lr_schedule is not None:
+    metrics["train/lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardings,
+                   encode_fn: EncodeFn | None = None):
+  """`train_step` bound to the run and jitted once with shardings; the state is donated."""
+  step_fn = functools.partial(
+      train_step, model=model, diffusion=diffusion, tx=tx,
+      ema_decay=float(config.ema.decay), encode_fn=encode_fn, lr_schedule=lr_schedule)
+  batch_sh = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+  return jax.jit(step_fn,
+                 in_shardings=(state_shardings, {"image": batch_sh, "label": batch_sh}, repl),
+                 out_shardings=(state_shardings, repl),
+                 donate_argnums=(0,))
+
+
+def setup_state(config, model, tx, mesh, input_shape):
+  """(init_fn() -> sharded TrainState, abstract state, state shardings)."""
+  init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+  init_fn = ts.make_init_fn(model, tx, (1,) + tuple(input_shape))
+  abstract, shardings = ts.abstract_state_and_shardings(
+      init_fn, init_rng, mesh, config.mesh.strategy)
+  return (lambda: ts.init_state(init_fn, init_rng, shardings)), abstract, shardings
+
+
+def _check_finite(step: int, host_metrics: dict, workdir, manager) -> None:
+  bad = {k: v for k, v in host_metrics.items()
+         if k in ("train/loss", "train/grad_norm") and not np.isfinite(v)}
+  if bad:
+    checkpointing.wait(manager)  # Let a save in flight (of an earlier, finite state) finish.
+    latest = checkpointing.latest_step(manager)
+    raise FloatingPointError(
+        f"Non-finite training metrics at step {step}: {bad}. Stopping without saving; the last "
+        f"good checkpoint (step {latest}) stays in {epath.Path(workdir) / 'checkpoints'}. "
+        "Lower config.optimizer.learning_rate, add warmup_steps or grad_clip_norm, and resume.")
+
+
+def _save_npz(path, **arrays) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, *arrays.values())
+  epath.Path(path).write_bytes(buf.getvalue())
+
+
+def _grid_ncols(num_classes_shown: int, per_class: int) -> int:
+  return per_class if per_class > 1 else num_classes_shown
+
+
+def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = None,
+                       decode_fn: DecodeFn | None = None) -> ts.TrainState:
+  """Trains (resuming from `<workdir>/checkpoints` if present) and writes logs and samples."""
+  workdir = epath.Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+  global_batch_size = int(config.global_batch_size)
+  total_steps = int(config.total_steps)
+
+  # Fail on configuration errors before any expensive work.
+  encode_fn, decode_fn = latent_codec(config.latent, encode_fn, decode_fn)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_global_batch(global_batch_size, mesh, jax.process_count())
+  logging.info("Mesh %s on %d processes (%s).", dict(mesh.shape), jax.process_count(),
+               mesh.devices.flat[0].device_kind)
+
+  source = input_pipeline.create_source(config.data, split=config.data.split)
+  input_shape = model_input_shape(config, source.image_shape, encode_fn)
+  model = build_model(config.model)
+  diffusion = create_diffusion(config.diffusion)
+  tx, lr_schedule = ts.create_optimizer(config.optimizer)
+
+  init_fn, abstract_state, state_shardings = setup_state(config, model, tx, mesh, input_shape)
+  manager = checkpointing.create_manager(workdir, config.checkpoint)
+  state, meta = checkpointing.restore_or_init(manager, abstract_state, state_shardings, init_fn,
+                                              config)
+  step = int(jax.device_get(state.step))
+  logging.info("%s at step %d; %d parameters.", "Resumed" if step else "Initialised", step,
+               ts.param_count(abstract_state.params))
+  start_step = int(meta.get("data_position", 0)) // global_batch_size
+  if start_step != step:
+    raise ValueError(f"Checkpoint meta data_position={meta.get('data_position')} is not step "
+                     f"{step} x config.global_batch_size={global_batch_size}; was the global "
+                     "batch size changed? Resume with the original value.")
+
+  it = input_pipeline.make_iterator(
+      source, config.data, global_batch_size=global_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed,
+      start_step=start_step)
+  batch_sh = sharding.batch_sharding(mesh)
+  train_rng = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), 1),
+                             sharding.replicated(mesh))
+  step_fn = jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardings,
+                           encode_fn)
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  flops = metrics_lib.dit_train_flops(model, global_batch_size)
+  peak = config.logging.peak_flops_per_device or metrics_lib.peak_flops(
+      mesh.devices.flat[0].device_kind)
+  peak_total = peak * mesh.devices.size if peak else None
+  sampler = sampling.Sampler(model, config, mesh, input_shape, decode_fn)
+  grid_classes = tuple(config.logging.grid_classes)
+  per_class = int(config.logging.grid_samples_per_class)
+  grid_labels = sampling.grid_labels(grid_classes, per_class)
+  grid_key = jax.random.key(config.logging.grid_seed)
+
+  def write_grid(step):
+    images = sampler(state.ema_params, grid_labels, grid_key)
+    if is_main:
+      grid = image_lib.make_grid(images, _grid_ncols(len(grid_classes), per_class),
+                                 scale=int(config.logging.grid_scale))
+      writer.write_images(step, {"samples/ema_grid": grid})
+      image_lib.save_png(workdir / f"grid_{step:07d}.png", grid)
+
+  def make_meta(step):
+    return {"step": step,
+            "data_position": input_pipeline.examples_seen(step, global_batch_size),
+            "config": checkpointing.config_to_json(config)}
+
+  log_every = int(config.logging.log_every_steps)
+  sample_every = int(config.logging.sample_every_steps)
+  bar = metrics_lib.ProgressBar(total_steps, initial=step,
+                                enabled=is_main and bool(config.logging.progress_bar))
+  compiled = None
+  throughput = None
+  host_metrics = {}
+  while step < total_steps:
+    batch = sharding.global_batch(next(it), batch_sh)
+    if compiled is None:
+      t0 = time.perf_counter()
+      compiled = step_fn.lower(state, batch, train_rng).compile()
+      logging.info("Compiled the train step in %.1fs; %.3g model FLOPs per step.",
+                   time.perf_counter() - t0, flops)
+      throughput = metrics_lib.Throughput(step, global_batch_size, flops, peak_total)
+    state, step_metrics = compiled(state, batch, train_rng)
+    step += 1
+    bar.update()
+
+    should_save = manager.should_save(step)
+    if step % log_every == 0 or step == total_steps or should_save:
+      host_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      _check_finite(step, host_metrics, workdir, manager)
+    if step % log_every == 0 or step == total_steps:
+      host_metrics.update(throughput.measure(step))
+      if is_main:
+        writer.write_scalars(step, host_metrics)
+        bar.set_postfix(loss=f"{host_metrics['train/loss']:.4f}")
+        metrics_lib.log_scalars(step, host_metrics)
+    with throughput.pause():
+      if should_save:
+        checkpointing.save(manager, step, state, make_meta(step))
+      if sample_every and step % sample_every == 0:
+        write_grid(step)
+  bar.close()
+
+  if step > 0:
+    checkpointing.save(manager, step, state, make_meta(step), force=True)
+  checkpointing.wait(manager)
+
+  n_final = int(config.sample.final_num_samples_per_class)
+  if n_final > 0 and not (workdir / "samples.npz").exists():
+    labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), n_final)
+    logging.info("Generating %d final samples with the EMA parameters.", len(labels))
+    images = sampler(state.ema_params, labels, jax.random.key(config.sample.seed))
+    if is_main:
+      _save_npz(workdir / "samples.npz", arr_0=images, arr_1=labels)
+      shown = min(n_final, 10)
+      idx = (np.arange(model.num_classes)[:, None] * n_final + np.arange(shown)).ravel()
+      grid = image_lib.make_grid(images[idx], shown, scale=int(config.logging.grid_scale))
+      image_lib.save_png(workdir / "samples_grid.png", grid)
+      writer.write_images(step, {"samples/final_grid": grid})
+  writer.close()
+  manager.close()
+  return state
