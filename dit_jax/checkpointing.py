@@ -102,7 +102,28 @@ def create_manager(workdir: str, config_checkpoint) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 
 
+# Replicated arrays are written in slices by all their replicas in parallel (Orbax's
+# "replica-parallel" saving), but only when a slice is at least this big: each slice is a device
+# op compiled per (shape, replica), which for hundreds of small arrays costs far more on the first
+# save than the parallel write gains (97 s for 127 small arrays on 8 CPU devices).
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 4 << 20
+
+
+def _register_array_handler() -> None:
+  """Registers Orbax's jax.Array handler with the replica-parallel threshold (idempotent)."""
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(current, "_dit_jax_handler", False):
+    return
+  handler = ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
+      # Keep the default handler's per-array metadata store (no public constructor in 0.12).
+      array_metadata_store=getattr(current, "_array_metadata_store", None))
+  handler._dit_jax_handler = True  # pylint: disable=protected-access
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 def _item_handlers():
+  _register_array_handler()
   # Explicit handlers (rather than item_names) so that item_metadata() can read a step's tree.
   return {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
 
