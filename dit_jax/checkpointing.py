@@ -80,8 +80,11 @@ def create_manager(workdir: str, config_checkpoint) -> ocp.CheckpointManager:
     raise ValueError(f"config.checkpoint.save_every_steps must be > 0, got {save_every}.")
   if max_to_keep <= 0:
     raise ValueError(f"config.checkpoint.max_to_keep must be > 0, got {max_to_keep}.")
-  if keep_every < 0:
-    raise ValueError(f"config.checkpoint.keep_every_steps must be >= 0, got {keep_every}.")
+  if keep_every < 0 or keep_every % save_every:
+    raise ValueError(
+        f"config.checkpoint.keep_every_steps={keep_every} must be 0 (no milestones) or a "
+        f"multiple of config.checkpoint.save_every_steps={save_every}: milestones are kept "
+        "saved steps.")
 
   preserve = [ocp_policies.LatestN(max_to_keep)]
   if keep_every:

@@ -184,6 +184,18 @@ def test_keep_last_k_and_milestones(tmp_path):
                 if p.name.isdigit()) == [4, 8, 12, 14, 15]
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("save_every_steps", 0, "save_every_steps must be > 0"),
+    ("max_to_keep", 0, "max_to_keep must be > 0"),
+    ("keep_every_steps", 3, "keep_every_steps=3 must be 0 .* multiple of .*save_every_steps=2"),
+])
+def test_bad_checkpoint_config(tmp_path, field, value, match):
+  section = dict(save_every_steps=2, max_to_keep=2, keep_every_steps=4, async_save=False)
+  section[field] = value
+  with pytest.raises(ValueError, match=match):
+    checkpointing.create_manager(str(tmp_path), section)
+
+
 def test_meta_is_checked(tmp_path):
   config = _config()
   manager = checkpointing.create_manager(str(tmp_path), config.checkpoint)
