@@ -75,7 +75,8 @@ def create_manager(workdir: str, config_checkpoint) -> ocp.CheckpointManager:
   max_to_keep = int(_field(config_checkpoint, "max_to_keep", 0))
   keep_every = int(_field(config_checkpoint, "keep_every_steps", 0))
   # `async` is a Python keyword (config.checkpoint["async"]); `async_save` is accepted too.
-  use_async = bool(_field(config_checkpoint, "async", _field(config_checkpoint, "async_save", True)))
+  use_async = bool(_field(config_checkpoint, "async",
+                          _field(config_checkpoint, "async_save", True)))
   if save_every <= 0:
     raise ValueError(f"config.checkpoint.save_every_steps must be > 0, got {save_every}.")
   if max_to_keep <= 0:
