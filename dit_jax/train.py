@@ -159,7 +159,7 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
       "train/loss": loss,
       "train/mse": jnp.mean(terms["mse"]),
       "train/vb": jnp.mean(terms["vb"]) if "vb" in terms else jnp.zeros(()),
-      "train/grad_norm": optax.global_norm(grads),
+      "train/grad_norm": optax.tree.norm(grads),
   }
   if lr_schedule is not None:
     metrics["train/lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)

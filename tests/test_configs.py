@@ -1,0 +1,109 @@
+"""Every config in configs/ loads, is locked, and builds its model abstractly."""
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import pytest
+from absl import flags
+
+from dit_jax import sharding
+from dit_jax import train
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.name not in ("__init__.py",
+                                                                            "common.py"))
+
+
+def load(path, arg=None, overrides=()):
+  """Loads a config file exactly as main.py's --config flag does, with overrides."""
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  spec = str(path) + (f":{arg}" if arg else "")
+  argv = ["prog", f"--config={spec}", *overrides]
+  saved, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv.
+  try:
+    fv(argv)
+  finally:
+    sys.argv = saved
+  return fv.config
+
+
+def test_all_config_files_are_listed():
+  assert {p.name for p in CONFIG_FILES} >= {"digits.py", "testing.py", "imagenet256.py",
+                                             "imagenet512.py"}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_config_builds_model_abstractly(path):
+  config = load(path)
+  for section in ("model", "diffusion", "data", "latent", "optimizer", "ema", "mesh",
+                  "checkpoint", "logging", "sample", "eval"):
+    assert section in config, section
+  model = train.build_model(config.model)
+  n = 2
+  shape = (n, config.model.input_size, config.model.input_size, config.model.in_channels)
+  out, variables = jax.eval_shape(
+      model.init_with_output, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32))
+  assert set(variables) == {"params"}
+  out_c = 2 * shape[-1] if config.model.learn_sigma else shape[-1]
+  assert out.shape == shape[:3] + (out_c,)
+  # The config's docstring gives the command to run it.
+  assert f"--config=configs/{path.name}" in path.read_text()
+
+
+def test_imagenet256_is_the_paper_recipe():
+  config = load(CONFIG_DIR / "imagenet256.py", "variant=XL/2")
+  model = train.build_model(config.model)
+  assert (model.patch_size, model.hidden_size, model.depth, model.num_heads) == (2, 1152, 28, 16)
+  assert (model.input_size, model.in_channels) == (32, 4)
+  assert model.class_dropout_prob == 0.1 and model.learn_sigma
+  assert config.global_batch_size == 256 and config.total_steps == 400_000
+  assert config.ema.decay == 0.9999
+  opt = config.optimizer
+  assert (opt.learning_rate, opt.b1, opt.b2, opt.eps, opt.weight_decay) == (1e-4, .9, .999, 1e-8, 0)
+  assert opt.grad_clip_norm == 0 and opt.warmup_steps == 0
+  assert config.diffusion.noise_schedule == "linear" and config.diffusion.diffusion_steps == 1000
+  assert config.diffusion.timestep_respacing == "" and config.diffusion.learn_sigma
+  assert config.data.random_flip and config.data.image_size == 256
+  assert config.latent.encoder == "sd-vae-ft-ema" and config.latent.scale_factor == 0.18215
+  assert config.model.dtype == "float32" and not config.model.remat
+
+
+def test_variant_argument_and_latent_size_follow_overrides():
+  config = load(CONFIG_DIR / "imagenet512.py", "B/4")
+  model = train.build_model(config.model)
+  assert (model.patch_size, model.hidden_size, model.input_size) == (4, 768, 64)
+  config = load(CONFIG_DIR / "imagenet256.py", "variant=DiT-S/8",
+                ["--config.data.image_size=128", "--config.model.depth=3"])
+  model = train.build_model(config.model)
+  assert (model.patch_size, model.depth, model.input_size) == (8, 3, 16)
+
+
+def test_override_typo_is_an_error():
+  with pytest.raises(AttributeError, match="hiden_size"):
+    load(CONFIG_DIR / "testing.py", overrides=["--config.model.hiden_size=64"])
+  config = load(CONFIG_DIR / "testing.py")
+  with pytest.raises(AttributeError, match="learning_rat"):
+    config.optimizer.learning_rat = 1.0
+
+
+def test_unknown_variant_is_an_error():
+  config = load(CONFIG_DIR / "imagenet256.py", "variant=XXL/2")
+  with pytest.raises(ValueError, match="XXL/2"):
+    train.build_model(config.model)
+
+
+def test_global_batch_not_divisible_names_both_numbers():
+  mesh = sharding.make_mesh(load(CONFIG_DIR / "testing.py").mesh)  # data=-1 -> 8 devices.
+  with pytest.raises(ValueError, match=r"global_batch_size=12\b.*\b8\b"):
+    sharding.check_global_batch(12, mesh)
+  sharding.check_global_batch(16, mesh)
+
+
+def test_latent_encoder_unavailable_names_the_field():
+  config = load(CONFIG_DIR / "imagenet256.py", "variant=S/8")
+  with pytest.raises(NotImplementedError, match=r"config\.latent\.encoder='sd-vae-ft-ema'"):
+    train.latent_codec(config.latent)

@@ -1,0 +1,132 @@
+"""A real train step on CPU, the EMA rule, the optimizer options, a plugged-in latent encoder
+and the stop on a non-finite loss (keeping the last good checkpoint)."""
+import importlib.util
+import pathlib
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dit_jax import checkpointing
+from dit_jax import diffusion as dd
+from dit_jax import input_pipeline
+from dit_jax import sharding
+from dit_jax import train
+from dit_jax import train_state as ts
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name="testing"):
+  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(None)
+
+
+def test_train_steps_reduce_loss_and_update_ema():
+  config = load_config()
+  config.ema.decay = 0.5
+  config.optimizer.learning_rate = 1e-2
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model = train.build_model(config.model)
+  diffusion = train.create_diffusion(config.diffusion)
+  tx, schedule = ts.create_optimizer(config.optimizer)
+  init_fn, abstract, shardings = train.setup_state(config, model, tx, mesh, (8, 8, 1))
+  state = init_fn()
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), state) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), abstract)
+  params0 = jax.device_get(state.params)
+
+  source = input_pipeline.create_source(config.data, split="train")
+  batch = next(input_pipeline.make_iterator(source, config.data, global_batch_size=16,
+                                            process_index=0, process_count=1, seed=0))
+  batch = sharding.global_batch(batch, sharding.batch_sharding(mesh))
+
+  # A fixed evaluation of the training loss (fixed t and noise, no label dropout).
+  t = jax.random.randint(jax.random.key(1), (16,), 0, diffusion.num_timesteps)
+  noise = jax.random.normal(jax.random.key(2), batch["image"].shape)
+
+  def eval_loss(params):
+    fn = lambda x, ts_: model.apply({"params": params}, x, ts_, batch["label"])
+    return float(jnp.mean(dd.training_losses(diffusion, fn, batch["image"], t, noise)["loss"]))
+
+  step_fn = train.jit_train_step(config, model, diffusion, tx, schedule, mesh, shardings)
+  rng = jax.random.key(0)
+  state, metrics = step_fn(state, batch, rng)
+  params1 = jax.device_get(state.params)
+  # EMA starts at the parameters and is updated after the step: 0.5 * p0 + 0.5 * p1.
+  for e, p0, p1 in zip(jax.tree.leaves(jax.device_get(state.ema_params)),
+                       jax.tree.leaves(params0), jax.tree.leaves(params1)):
+    np.testing.assert_allclose(e, 0.5 * p0 + 0.5 * p1, rtol=1e-6, atol=1e-7)
+  assert int(state.step) == 1
+  assert set(metrics) == {"train/loss", "train/mse", "train/vb", "train/grad_norm", "train/lr"}
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  np.testing.assert_allclose(float(metrics["train/loss"]),
+                             float(metrics["train/mse"]) + float(metrics["train/vb"]), rtol=1e-5)
+
+  before = eval_loss(params0)
+  for _ in range(7):
+    state, metrics = step_fn(state, batch, rng)
+  after = eval_loss(state.params)
+  assert after < 0.8 * before, (before, after)
+
+
+def test_optimizer_warmup_and_clipping():
+  config = load_config()
+  config.optimizer.warmup_steps = 4
+  config.optimizer.grad_clip_norm = 1e-3
+  tx, schedule = ts.create_optimizer(config.optimizer)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 1, 3, 10)],
+                             [2.5e-4, 5e-4, 1e-3, 1e-3])
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  grads = {"w": jnp.array([3.0, 4.0, 0.0])}  # Norm 5, clipped to 1e-3.
+  updates, _ = tx.update(grads, state, params)
+  # Adam's first step is -lr * sign(g) whatever the scale; clipping shows in the moments.
+  np.testing.assert_allclose(updates["w"][:2], [-2.5e-4, -2.5e-4], rtol=1e-3)
+  _, adam_state = tx.update(grads, state, params)
+  mu = adam_state[1][0].mu["w"]
+  np.testing.assert_allclose(mu, 0.1 * np.array([3, 4, 0]) / 5 * 1e-3, rtol=1e-5)
+  config.optimizer.grad_clip_norm = -1.0
+  with pytest.raises(ValueError, match="grad_clip_norm"):
+    ts.create_optimizer(config.optimizer)
+
+
+def test_latent_encoder_plugs_in_and_nonfinite_loss_keeps_last_checkpoint(tmp_path):
+  config = load_config()
+  config.latent.encoder = "sd-vae-ft-mse"
+  config.total_steps = 2
+  config.logging.sample_every_steps = 0
+  config.sample.final_num_samples_per_class = 1
+  config.checkpoint.save_every_steps = 2
+  calls = {"encode": 0, "decode": 0}
+
+  def encode_fn(images, rng):  # A mock "VAE": same shape, scaled, with posterior noise.
+    calls["encode"] += 1
+    return 0.5 * images + 0.01 * jax.random.normal(rng, images.shape)
+
+  def decode_fn(latents):
+    calls["decode"] += 1
+    return 2.0 * latents
+
+  with pytest.raises(NotImplementedError, match=r"config\.latent\.encoder='sd-vae-ft-mse'"):
+    train.train_and_evaluate(config, str(tmp_path))
+  train.train_and_evaluate(config, str(tmp_path), encode_fn=encode_fn, decode_fn=decode_fn)
+  assert calls["encode"] >= 1 and calls["decode"] >= 1  # Traced into the step and the sampler.
+  with np.load(tmp_path / "samples.npz") as z:
+    assert z["arr_0"].shape == (10, 8, 8, 1) and z["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(z["arr_1"], np.arange(10))
+
+  # Resume for 2 more steps with an encoder that returns NaN: the run stops with a clear error
+  # at the next check and step 2 stays the latest (restorable) checkpoint.
+  config.total_steps = 4
+  nan_encode = lambda images, rng: images * jnp.nan
+  with pytest.raises(FloatingPointError, match=r"Non-finite training metrics at step 4.*step 2"):
+    train.train_and_evaluate(config, str(tmp_path), encode_fn=nan_encode, decode_fn=decode_fn)
+  manager = checkpointing.create_manager(str(tmp_path), config.checkpoint)
+  assert checkpointing.latest_step(manager) == 2
+  assert manager.all_steps() == [2]
+  assert not any(p.name.startswith("4") for p in epath.Path(tmp_path / "checkpoints").iterdir())
