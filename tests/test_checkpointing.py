@@ -250,7 +250,9 @@ _KILL_CHILD = textwrap.dedent("""
     def written():  # Files so far in the step-2 temporary directory, or None.
       root = os.path.join(workdir, "checkpoints")
       tmp = [p for p in os.listdir(root) if p.startswith("2.orbax-checkpoint-tmp")]
-      return [f for d in tmp for _, _, fs in os.walk(os.path.join(root, d)) for f in fs] if tmp else None
+      if not tmp:
+        return None
+      return [f for d in tmp for _, _, fs in os.walk(os.path.join(root, d)) for f in fs]
     if mode.startswith("sync"):
       # Kill from another thread while the synchronous save is running: as soon as the step-2
       # temporary directory exists ("sync-dir"), or once array data is in it ("sync-data").

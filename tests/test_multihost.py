@@ -18,6 +18,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -32,8 +33,8 @@ OVERRIDES = [
     "--config.mesh.fsdp=4",
     "--config.checkpoint.save_every_steps=2",
     "--config.checkpoint.max_to_keep=10",
-    "--config.logging.sample_every_steps=4",
-    "--config.sample.final_num_samples_per_class=1",
+    "--config.logging.sample_every_steps=0",
+    "--config.sample.final_num_samples_per_class=0",
 ]
 TIMEOUT = 300
 
@@ -55,30 +56,41 @@ def _cmd(workdir, *extra):
           f"--workdir={workdir}", *OVERRIDES, *extra]
 
 
-def _check(proc: subprocess.Popen, name: str) -> None:
-  try:
-    _, err = proc.communicate(timeout=TIMEOUT)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    _, err = proc.communicate()
-  assert proc.returncode == 0, f"{name} exited with {proc.returncode}:\n{err[-5000:]}"
+def _wait_all(procs: dict) -> None:
+  """Waits for all processes; if one fails (or time runs out) kills the rest and reports it."""
+  deadline = time.monotonic() + TIMEOUT
+  failed = None
+  while failed is None and any(p.poll() is None for p in procs.values()):
+    failed = next((n for n, p in procs.items() if p.poll() not in (None, 0)), None)
+    if time.monotonic() > deadline:
+      failed = "timeout"
+    time.sleep(0.2)
+  failed = failed or next((n for n, p in procs.items() if p.returncode != 0), None)
+  if failed is not None:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+    report = {n: (p.wait(), pathlib.Path(p.log).read_text()[-4000:])
+              for n, p in procs.items()}
+    raise AssertionError(f"{failed} failed; exit codes and stderr tails: {report}")
 
 
 def test_two_processes_match_one(tmp_path):
   single, multi = tmp_path / "single", tmp_path / "multi"
   address = f"127.0.0.1:{_free_port()}"
-  workers = [
-      subprocess.Popen(_cmd(multi, f"--coordinator_address={address}", "--num_processes=2",
-                            f"--process_id={i}"),
-                       cwd=REPO, env=_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       text=True)
-      for i in range(2)
-  ]
-  reference = subprocess.Popen(_cmd(single), cwd=REPO, env=_env(4),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  for i, worker in enumerate(workers):
-    _check(worker, f"process {i}")
-  _check(reference, "single process")
+
+  def start(name, cmd, num_devices):
+    log = open(tmp_path / f"{name}.log", "w")  # Files, not pipes: the logs are long.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(num_devices), stdout=subprocess.DEVNULL,
+                            stderr=log, text=True)
+    proc.log = log.name
+    return proc
+
+  workers = [start(f"process_{i}", _cmd(multi, f"--coordinator_address={address}",
+                                         "--num_processes=2", f"--process_id={i}"), 2)
+             for i in range(2)]
+  reference = start("single", _cmd(single), 4)
+  _wait_all({"process 0": workers[0], "process 1": workers[1], "single process": reference})
 
   steps = lambda w: sorted(int(p.name) for p in (w / "checkpoints").iterdir())
   assert steps(multi) == steps(single) == [2, 4]
