@@ -21,7 +21,7 @@ def get_config(arg=None):
   config = mc.ConfigDict()
   config.seed = 0
   config.total_steps = 4000
-  config.global_batch_size = 128
+  config.global_batch_size = 32
 
   config.data = mc.ConfigDict()
   config.data.name = "digits"
@@ -50,10 +50,10 @@ def get_config(arg=None):
 
   config.model = mc.ConfigDict()
   # A named variant supplies patch_size/hidden_size/depth/num_heads/mlp_ratio; any field set
-  # here (not None) overrides it: DiT-S/2 shrunk to 4 blocks of width 128 (~1.1M params).
+  # here (not None) overrides it: DiT-S/2 shrunk to 4 blocks of width 96 (~0.7M params).
   config.model.variant = "S/2"
   config.model.patch_size = config_dict.placeholder(int)
-  config.model.hidden_size = 128
+  config.model.hidden_size = 96
   config.model.depth = 4
   config.model.num_heads = 4
   config.model.mlp_ratio = config_dict.placeholder(float)
@@ -106,9 +106,9 @@ def get_config(arg=None):
   config.sample.num_sampling_steps = 100
   config.sample.cfg_scale = 3.0
   config.sample.guidance_mode = "all"
-  config.sample.clip_denoised = False
+  config.sample.clip_denoised = True  # Pixel space: x_0 predictions clipped to [-1, 1].
   config.sample.final_num_samples_per_class = 100
-  config.sample.batch_size = 500
+  config.sample.batch_size = 100  # = the grid: one sampler compile.
   config.sample.seed = 0
 
   config.eval = mc.ConfigDict()  # FID evaluation arrives with dit_jax/evaluation.

@@ -23,6 +23,8 @@ must call `jax.distributed.initialize()` before anything touches the devices. Th
 """
 from __future__ import annotations
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -43,6 +45,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0's coordinator service.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (0-based).")
+_LIBRARY_INFO_LOGS = flags.DEFINE_bool(
+    "library_info_logs", False, "Also show INFO logs of Orbax (one screenful per checkpoint).")
 
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -61,9 +65,18 @@ def distributed_kwargs(mode, coordinator_address, num_processes, process_id):
   return explicit
 
 
+class _NoLibraryInfo(std_logging.Filter):
+  """Drops INFO records of chatty libraries (Orbax logs every stage of every save)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _LIBRARY_INFO_LOGS.value:
+    logging.get_absl_handler().addFilter(_NoLibraryInfo())
   kwargs = distributed_kwargs(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                               _PROCESS_ID.value)
   if kwargs is not None:

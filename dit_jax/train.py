@@ -264,14 +264,21 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   peak = config.logging.peak_flops_per_device or metrics_lib.peak_flops(
       mesh.devices.flat[0].device_kind)
   peak_total = peak * mesh.devices.size if peak else None
-  sampler = sampling.Sampler(model, config, mesh, input_shape, decode_fn)
+  samplers = {}
+
+  def get_sampler(batch_size):  # One compile per batch size; grids use their exact size.
+    if batch_size not in samplers:
+      samplers[batch_size] = sampling.Sampler(model, config, mesh, input_shape, decode_fn,
+                                              batch_size=batch_size)
+    return samplers[batch_size]
+
   grid_classes = tuple(config.logging.grid_classes)
   per_class = int(config.logging.grid_samples_per_class)
   grid_labels = sampling.grid_labels(grid_classes, per_class)
   grid_key = jax.random.key(config.logging.grid_seed)
 
   def write_grid(step):
-    images = sampler(state.ema_params, grid_labels, grid_key)
+    images = get_sampler(len(grid_labels))(state.ema_params, grid_labels, grid_key)
     if is_main:
       grid = image_lib.make_grid(images, _grid_ncols(len(grid_classes), per_class),
                                  scale=int(config.logging.grid_scale))
@@ -324,10 +331,12 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   checkpointing.wait(manager)
 
   n_final = int(config.sample.final_num_samples_per_class)
-  if n_final > 0 and not (workdir / "samples.npz").exists():
+  # Every process runs the sampler (a collective), so the decision must not depend on files.
+  if n_final > 0:
     labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), n_final)
     logging.info("Generating %d final samples with the EMA parameters.", len(labels))
-    images = sampler(state.ema_params, labels, jax.random.key(config.sample.seed))
+    batch_size = min(int(config.sample.batch_size), len(labels))
+    images = get_sampler(batch_size)(state.ema_params, labels, jax.random.key(config.sample.seed))
     if is_main:
       _save_npz(workdir / "samples.npz", arr_0=images, arr_1=labels)
       shown = min(n_final, 10)
