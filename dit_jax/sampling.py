@@ -78,17 +78,21 @@ class Sampler:
         guidance_mode=config.sample.guidance_mode, sampler=config.sample.sampler,
         clip_denoised=bool(config.sample.clip_denoised), latent_shape=tuple(latent_shape),
         decode_fn=decode_fn)
-    # Replicated output so every process can read it; inputs keep their shardings.
-    self._fn = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+    # The key is made inside jit from host integers: a key array computed eagerly would live
+    # on one local device, which a multi-process jit cannot take. Replicated output so every
+    # process can read it; the parameters keep their shardings.
+    def from_seed(params, labels, seed, chunk):
+      return fn(params, labels, jax.random.fold_in(jax.random.key(seed), chunk))
+    self._fn = jax.jit(from_seed, out_shardings=NamedSharding(mesh, P()))
 
-  def __call__(self, params, labels: np.ndarray, key: jax.Array) -> np.ndarray:
-    """uint8 (N, H, W, C) samples of `labels`; batch b uses fold_in(key, b)."""
+  def __call__(self, params, labels: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 (N, H, W, C) samples of `labels`; batch b uses fold_in(key(seed), b)."""
     labels = np.asarray(labels, np.int32)
     out = []
     for b, start in enumerate(range(0, len(labels), self.batch_size)):
       chunk = labels[start:start + self.batch_size]
       padded = np.pad(chunk, (0, self.batch_size - len(chunk)))
-      images = self._fn(params, padded, jax.random.fold_in(key, b))
+      images = self._fn(params, padded, np.uint32(seed), np.uint32(b))
       out.append(image_lib.to_uint8(np.asarray(images))[:len(chunk)])
     return np.concatenate(out, axis=0)
 

@@ -254,8 +254,9 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
       process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed,
       start_step=start_step)
   batch_sh = sharding.batch_sharding(mesh)
-  train_rng = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), 1),
-                             sharding.replicated(mesh))
+  # Made under jit: device_put of a host value cannot target a multi-process sharding.
+  train_rng = jax.jit(lambda: jax.random.fold_in(jax.random.key(config.seed), 1),
+                      out_shardings=sharding.replicated(mesh))()
   step_fn = jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardings,
                            encode_fn)
 
@@ -275,10 +276,10 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   grid_classes = tuple(config.logging.grid_classes)
   per_class = int(config.logging.grid_samples_per_class)
   grid_labels = sampling.grid_labels(grid_classes, per_class)
-  grid_key = jax.random.key(config.logging.grid_seed)
+  grid_seed = int(config.logging.grid_seed)
 
   def write_grid(step):
-    images = get_sampler(len(grid_labels))(state.ema_params, grid_labels, grid_key)
+    images = get_sampler(len(grid_labels))(state.ema_params, grid_labels, grid_seed)
     if is_main:
       grid = image_lib.make_grid(images, _grid_ncols(len(grid_classes), per_class),
                                  scale=int(config.logging.grid_scale))
@@ -336,7 +337,7 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
     labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), n_final)
     logging.info("Generating %d final samples with the EMA parameters.", len(labels))
     batch_size = min(int(config.sample.batch_size), len(labels))
-    images = get_sampler(batch_size)(state.ema_params, labels, jax.random.key(config.sample.seed))
+    images = get_sampler(batch_size)(state.ema_params, labels, int(config.sample.seed))
     if is_main:
       _save_npz(workdir / "samples.npz", arr_0=images, arr_1=labels)
       shown = min(n_final, 10)
