@@ -5,9 +5,11 @@ r"""The demo: class-conditional DiT on scikit-learn's 8x8 digits, in pixel space
 Expected result: trains in under 10 minutes on 2 CPU cores (one jit compile; no per-step host
 syncs), writing TensorBoard events, a grid of EMA samples every `logging.sample_every_steps`
 (`grid_<step>.png`), and at the end `samples.npz` (1000 uint8 8x8x1 digits in arr_0, 100 per
-class, class labels in arr_1) and `samples_grid.png`. The samples are clearly the requested
-digits: a classifier trained on the real training digits recognises >= 97% of them (the README
-gives the measurement). Images are in [-1, 1] with one channel; sampling uses the EMA weights,
+class, class labels in arr_1) and `samples_grid.png`. Measured once (2-core shared VM, 724K
+params, 4000 steps at ~10-17 steps/s): 8m24s wall in all; `python -m dit_jax.evaluation.digits
+--samples runs/digits/samples.npz` gives accuracy 0.987 (classifier trained on the real train
+split) but a Frechet-distance ratio of 6.2 against real digits (cfg 3.0 trades diversity for
+accuracy; the model is still undertrained), so the demo's settings are still being tuned. Images are in [-1, 1] with one channel; sampling uses the EMA weights,
 DDPM with `sample.num_sampling_steps` steps and classifier-free guidance on all channels
 (`guidance_mode="all"`: the official mode guides 3 of 4 latent channels, which needs C == 4).
 """
