@@ -30,6 +30,8 @@ setuptools.setup(
         "torch": ["torch==2.13.0"],
         # The ImageNet path: tfds image readers need TensorFlow.
         "imagenet": ["tensorflow-cpu>=2.16"],
+        # gs:// workdirs for checkpoints and logs on Cloud TPU (etils.epath through gcsfs).
+        "gcs": ["gcsfs>=2024.2"],
         "test": ["pytest>=8.0", "torch==2.13.0"],
     },
 )

@@ -75,6 +75,7 @@ def get_config(arg=None):
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0
   config.optimizer.warmup_steps = 0
+  config.optimizer.cosine_decay_steps = 0  # 0 = constant lr after warmup.
 
   config.ema = mc.ConfigDict()
   config.ema.decay = 0.9

@@ -16,12 +16,16 @@ must call `jax.distributed.initialize()` before anything touches the devices. Th
   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
                         explicit cluster (e.g. two local processes on 127.0.0.1); any of the
                         three given implies initialisation, missing ones are auto-detected.
-  --distributed=off     never initialise (the default when none of the above is given):
-                        a single process driving all of its local devices.
+  --distributed=off     never initialise: a single process driving all of its local devices.
+  (unset)               initialise iff a flag above is given or the environment shows a
+                        multi-process launch (Slurm with several tasks, Open MPI, a multi-host
+                        Cloud TPU slice, JAX_COORDINATOR_ADDRESS): what launch/ relies on.
 
 `--distributed=on` forces initialisation with whatever is given or detected.
 """
 from __future__ import annotations
+
+import os
 
 import logging as std_logging
 
@@ -61,8 +65,31 @@ def distributed_kwargs(mode, coordinator_address, num_processes, process_id):
       raise ValueError(f"--distributed=off contradicts the given {sorted(explicit)}.")
     return None
   if mode is None and not explicit:
-    return None
+    return {} if detected_cluster(os.environ) else None
   return explicit
+
+
+def detected_cluster(environ) -> str | None:
+  """The multi-process launcher the environment shows, or None for a single process.
+
+  Lets the default (`--distributed` unset) do the right thing under the launch/ scripts: a Slurm
+  job step with several tasks, an Open MPI job, a multi-host Cloud TPU slice, or a coordinator
+  given through JAX's own `JAX_COORDINATOR_ADDRESS`.
+  """
+  def count(name):
+    try:
+      return int(environ.get(name, "1"))
+    except ValueError:
+      return 1
+  if environ.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  if count("SLURM_NTASKS") > 1 or count("SLURM_STEP_NUM_TASKS") > 1:
+    return "slurm"
+  if count("OMPI_COMM_WORLD_SIZE") > 1:
+    return "openmpi"
+  if "," in environ.get("TPU_WORKER_HOSTNAMES", ""):
+    return "tpu"
+  return None
 
 
 class _NoLibraryInfo(std_logging.Filter):

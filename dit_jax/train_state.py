@@ -47,16 +47,30 @@ class TrainState:
 
 
 def learning_rate_schedule(config_optimizer) -> optax.Schedule:
-  """Linear warmup from lr/warmup_steps to lr over `warmup_steps` steps, then constant."""
+  """Linear warmup from lr/warmup_steps to lr over `warmup_steps` steps, then constant, or,
+  with `cosine_decay_steps` > 0, a cosine decay from lr to 0 reached at that step (held at 0
+  after it). The paper's recipe is constant (no warmup, no decay)."""
   lr = float(config_optimizer.learning_rate)
   warmup = int(config_optimizer.warmup_steps)
+  decay = int(config_optimizer.get("cosine_decay_steps", 0) or 0)
   if lr <= 0:
     raise ValueError(f"config.optimizer.learning_rate must be > 0, got {lr}.")
   if warmup < 0:
     raise ValueError(f"config.optimizer.warmup_steps must be >= 0, got {warmup}.")
-  if warmup == 0:
+  if decay < 0 or (decay and decay <= warmup):
+    raise ValueError(f"config.optimizer.cosine_decay_steps must be 0 (off) or > warmup_steps="
+                     f"{warmup}, got {decay}.")
+  if warmup == 0 and decay == 0:
     return optax.constant_schedule(lr)
-  return lambda step: lr * jnp.minimum(1.0, (step + 1) / warmup)
+
+  def schedule(step):
+    factor = jnp.minimum(1.0, (step + 1) / warmup) if warmup else jnp.ones(())
+    if decay:
+      progress = jnp.clip((step - warmup) / (decay - warmup), 0.0, 1.0)
+      factor = factor * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return lr * factor
+
+  return schedule
 
 
 def create_optimizer(config_optimizer) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -8,10 +8,15 @@ imported, which is why this file sets them at import time.
 """
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# One persistent compilation cache for the whole run: the subprocess tests (resume, multi-host,
+# the main smoke run) compile the same train step again and again.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"dit_jax_test_cache_{os.getuid()}"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

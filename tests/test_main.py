@@ -63,3 +63,32 @@ def test_distributed_flags():
       "coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
   with pytest.raises(ValueError, match="contradicts"):
     main.distributed_kwargs("off", "127.0.0.1:1234", None, None)
+
+
+def test_detected_cluster_from_the_launch_environments():
+  assert main.detected_cluster({}) is None
+  assert main.detected_cluster({"SLURM_NTASKS": "1"}) is None
+  assert main.detected_cluster({"SLURM_NTASKS": "4"}) == "slurm"
+  assert main.detected_cluster({"OMPI_COMM_WORLD_SIZE": "2"}) == "openmpi"
+  assert main.detected_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2"}) is None
+  assert main.detected_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}) == "tpu"
+  assert main.detected_cluster({"JAX_COORDINATOR_ADDRESS": "h:1234"}) == "JAX_COORDINATOR_ADDRESS"
+
+
+def test_digits_demo_smoke_run_and_its_measurement(tmp_path, capsys):
+  """The README's demo command, shortened to 3 steps; then the demo's measurement on it."""
+  workdir = tmp_path / "digits"
+  proc = run_main("--config=configs/digits.py", f"--workdir={workdir}",
+                  "--config.total_steps=3", "--config.optimizer.warmup_steps=1",
+                  "--config.optimizer.cosine_decay_steps=3", "--config.logging.sample_every_steps=3",
+                  "--config.sample.num_sampling_steps=2", "--config.sample.batch_size=10",
+                  "--config.sample.final_num_samples_per_class=1",
+                  "--config.logging.grid_samples_per_class=1")
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  with np.load(workdir / "samples.npz") as z:
+    assert z["arr_0"].shape == (10, 8, 8, 1) and z["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(z["arr_1"], np.arange(10))
+  from dit_jax.evaluation import digits
+  assert digits.main(["--samples", str(workdir / "samples.npz")]) == 0
+  out = capsys.readouterr().out
+  assert '"num_samples": 10' in out and "ratio" in out
