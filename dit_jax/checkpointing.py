@@ -36,6 +36,7 @@ different number of hosts, without ever materialising the full state on one devi
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable, Mapping
 
 from etils import epath
@@ -60,6 +61,14 @@ def _field(section, name: str, default=None):
   """Reads a field of a ConfigDict or a plain mapping (both have `.get`)."""
   value = section.get(name, None)
   return default if value is None else value
+
+
+def checkpoint_directory(workdir: str) -> epath.Path:
+  """`<workdir>/checkpoints`, absolute: Orbax refuses relative paths (`--workdir=runs/x`)."""
+  path = epath.Path(workdir)
+  if "://" not in str(workdir):
+    path = epath.Path(os.path.abspath(os.path.expanduser(str(workdir))))
+  return path / "checkpoints"
 
 
 def create_manager(workdir: str, config_checkpoint) -> ocp.CheckpointManager:
@@ -102,7 +111,7 @@ def create_manager(workdir: str, config_checkpoint) -> ocp.CheckpointManager:
       cleanup_tmp_directories=True,
       create=True,
   )
-  directory = epath.Path(workdir) / "checkpoints"
+  directory = checkpoint_directory(workdir)
   return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 
 
@@ -292,7 +301,7 @@ def load_on_host(workdir: str, step: int | None = None) -> tuple[PyTree, dict]:
   or optax states become dicts/lists; empty nodes become None), whatever mesh or number of
   processes wrote it. Returns (state_tree, meta).
   """
-  directory = epath.Path(workdir) / "checkpoints"
+  directory = checkpoint_directory(workdir)
   manager = ocp.CheckpointManager(
       directory, item_handlers=_item_handlers(),
       options=ocp.CheckpointManagerOptions(read_only=True, create=False,

@@ -78,12 +78,14 @@ def test_detected_cluster_from_the_launch_environments():
 def test_digits_demo_smoke_run_and_its_measurement(tmp_path, capsys):
   """The README's demo command, shortened to 3 steps; then the demo's measurement on it."""
   workdir = tmp_path / "digits"
-  proc = run_main("--config=configs/digits.py", f"--workdir={workdir}",
+  # A relative --workdir, as in the README (Orbax itself needs absolute paths).
+  proc = run_main("--config=configs/digits.py", f"--workdir={os.path.relpath(workdir, REPO)}",
                   "--config.total_steps=3", "--config.optimizer.warmup_steps=1",
                   "--config.optimizer.cosine_decay_steps=3", "--config.logging.sample_every_steps=3",
                   "--config.sample.num_sampling_steps=2", "--config.sample.batch_size=10",
                   "--config.sample.final_num_samples_per_class=1",
-                  "--config.logging.grid_samples_per_class=1")
+                  "--config.logging.grid_samples_per_class=1",
+                  "--config.checkpoint.save_every_steps=2")
   assert proc.returncode == 0, proc.stderr[-5000:]
   with np.load(workdir / "samples.npz") as z:
     assert z["arr_0"].shape == (10, 8, 8, 1) and z["arr_0"].dtype == np.uint8
