@@ -35,6 +35,11 @@ def _parse_arg(arg):
 
 def get_config(arg=None):
   """Returns the locked ImageNet-256 config for the variant in `arg`."""
+  return make_config(arg, IMAGE_SIZE)
+
+
+def make_config(arg, image_size: int):
+  """The paper's recipe at `image_size` (configs/imagenet512.py reuses it at 512)."""
   config = mc.ConfigDict()
   config.seed = 0
   config.total_steps = 400_000
@@ -42,7 +47,7 @@ def get_config(arg=None):
 
   config.data = mc.ConfigDict()
   config.data.name = "imagenet2012"
-  config.data.image_size = IMAGE_SIZE
+  config.data.image_size = image_size
   config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir (local or gs://).
   config.data.manual_dir = config_dict.placeholder(str)  # Where ILSVRC2012_img_train.tar lies.
   config.data.split = "train"

@@ -15,121 +15,18 @@ then a run with this config stops at start-up with an error naming `config.laten
 Scale options (all off in the recipe): --config.model.dtype=bfloat16, --config.model.remat=True,
 --config.optimizer.grad_clip_norm=1.0, --config.optimizer.warmup_steps=N, --config.mesh.fsdp=N.
 """
-import ml_collections as mc
-from ml_collections import config_dict
+import importlib.util
+import pathlib
 
 IMAGE_SIZE = 512
 
-
-def _parse_arg(arg):
-  """Accepts "variant=XL/2", "XL/2", "DiT-XL/2" or None (XL/2)."""
-  if not arg:
-    return "XL/2"
-  key, sep, value = arg.partition("=")
-  if not sep:
-    return arg
-  if key != "variant":
-    raise ValueError(f"Unknown config argument {key!r} in {arg!r}; expected 'variant=XL/2'.")
-  return value
+# Config files are loaded by path, not as a package: load the 256 recipe beside this file.
+_spec = importlib.util.spec_from_file_location(
+    "dit_jax_configs_imagenet256", pathlib.Path(__file__).with_name("imagenet256.py"))
+_imagenet256 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_imagenet256)
 
 
 def get_config(arg=None):
-  """Returns the locked ImageNet-512 config for the variant in `arg`."""
-  config = mc.ConfigDict()
-  config.seed = 0
-  config.total_steps = 400_000
-  config.global_batch_size = 256
-
-  config.data = mc.ConfigDict()
-  config.data.name = "imagenet2012"
-  config.data.image_size = IMAGE_SIZE
-  config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir (local or gs://).
-  config.data.manual_dir = config_dict.placeholder(str)  # Where ILSVRC2012_img_train.tar lies.
-  config.data.split = "train"
-  config.data.random_flip = True
-  config.data.num_classes = 1000
-  config.data.shuffle = True
-  config.data.num_workers = 16  # Decoding threads (file-based sources).
-  config.data.prefetch = 2  # Batches decoded ahead.
-  config.data.prepare = True  # Build the tfds data set from manual_dir if missing.
-
-  config.latent = mc.ConfigDict()
-  config.latent.encoder = "sd-vae-ft-ema"  # or "sd-vae-ft-mse"; "none" trains in pixel space.
-  config.latent.scale_factor = 0.18215
-  config.latent.channels = 4
-  config.latent.downsample = 8
-
-  config.diffusion = mc.ConfigDict()
-  config.diffusion.timestep_respacing = ""  # Train on all T steps.
-  config.diffusion.noise_schedule = "linear"
-  config.diffusion.diffusion_steps = 1000
-  config.diffusion.learn_sigma = True
-  config.diffusion.sigma_small = False
-
-  config.model = mc.ConfigDict()
-  config.model.variant = _parse_arg(arg)
-  # None = take the variant's value; set to override one architecture field.
-  config.model.patch_size = config_dict.placeholder(int)
-  config.model.hidden_size = config_dict.placeholder(int)
-  config.model.depth = config_dict.placeholder(int)
-  config.model.num_heads = config_dict.placeholder(int)
-  config.model.mlp_ratio = config_dict.placeholder(float)
-  config.model.input_size = config.data.get_ref("image_size") // config.latent.get_ref("downsample")
-  config.model.in_channels = config.latent.get_ref("channels")
-  config.model.num_classes = config.data.get_ref("num_classes")
-  config.model.learn_sigma = config.diffusion.get_ref("learn_sigma")
-  config.model.class_dropout_prob = 0.1
-  config.model.block_type = "adaLN-Zero"
-  config.model.dtype = "float32"  # Compute dtype; "bfloat16" at scale.
-  config.model.param_dtype = "float32"
-  config.model.attention_impl = "xla"  # "xla" | "cudnn" | "auto".
-  config.model.remat = False
-
-  config.optimizer = mc.ConfigDict()
-  config.optimizer.learning_rate = 1e-4
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.999
-  config.optimizer.eps = 1e-8
-  config.optimizer.weight_decay = 0.0
-  config.optimizer.grad_clip_norm = 0.0  # 0 = off.
-  config.optimizer.warmup_steps = 0
-  config.optimizer.cosine_decay_steps = 0  # 0 = constant lr after warmup.
-
-  config.ema = mc.ConfigDict()
-  config.ema.decay = 0.9999
-
-  config.mesh = mc.ConfigDict()
-  config.mesh.data = -1  # -1 = all devices not used by the other axis.
-  config.mesh.fsdp = 1
-  config.mesh.strategy = "fsdp"  # "fsdp" | "replicated"; with fsdp=1 both replicate.
-
-  config.checkpoint = mc.ConfigDict()
-  config.checkpoint.save_every_steps = 5_000
-  config.checkpoint.max_to_keep = 3
-  config.checkpoint.keep_every_steps = 50_000  # Milestones kept forever (official: every 50K).
-  config.checkpoint.async_save = True
-
-  config.logging = mc.ConfigDict()
-  config.logging.log_every_steps = 100
-  config.logging.sample_every_steps = 10_000
-  config.logging.grid_classes = (207, 360, 387, 974, 88, 979, 417, 279)  # Official sample.py.
-  config.logging.grid_samples_per_class = 1
-  config.logging.grid_seed = 0
-  config.logging.grid_scale = 1
-  config.logging.peak_flops_per_device = config_dict.placeholder(float)  # For train/mfu.
-  config.logging.progress_bar = True
-
-  config.sample = mc.ConfigDict()
-  config.sample.sampler = "ddpm"
-  config.sample.num_sampling_steps = 250
-  config.sample.cfg_scale = 4.0
-  config.sample.guidance_mode = "official"  # Guide eps[..., :3], as the released FIDs.
-  config.sample.clip_denoised = False
-  config.sample.final_num_samples_per_class = 0  # FID sampling is a separate job.
-  config.sample.batch_size = 64
-  config.sample.seed = 0
-
-  config.eval = mc.ConfigDict()  # FID evaluation arrives with dit_jax/evaluation.
-
-  config.lock()
-  return config
+  """Returns the locked ImageNet-512 config for the variant in `arg`: the 256 recipe at 512."""
+  return _imagenet256.make_config(arg, IMAGE_SIZE)
