@@ -70,6 +70,7 @@ def make_config(arg, image_size: int):
   config.diffusion.diffusion_steps = 1000
   config.diffusion.learn_sigma = True
   config.diffusion.sigma_small = False
+  config.diffusion.min_snr_gamma = config_dict.placeholder(float)  # None: the official loss.
 
   config.model = mc.ConfigDict()
   config.model.variant = _parse_arg(arg)
@@ -89,6 +90,7 @@ def make_config(arg, image_size: int):
   config.model.param_dtype = "float32"
   config.model.attention_impl = "xla"  # "xla" | "cudnn" | "auto".
   config.model.remat = False
+  config.model.ln_grad_barrier = False  # True: faster backward on XLA:CPU (same values).
 
   config.optimizer = mc.ConfigDict()
   config.optimizer.learning_rate = 1e-4
@@ -129,6 +131,7 @@ def make_config(arg, image_size: int):
   config.sample.num_sampling_steps = 250
   config.sample.cfg_scale = 4.0
   config.sample.guidance_mode = "official"  # Guide eps[..., :3], as the released FIDs.
+  config.sample.guidance_interval = config_dict.placeholder(tuple)  # (lo, hi): guide lo <= t < hi.
   config.sample.clip_denoised = False
   config.sample.final_num_samples_per_class = 0  # FID sampling is a separate job.
   config.sample.batch_size = 64

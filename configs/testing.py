@@ -46,6 +46,7 @@ def get_config(arg=None):
   config.diffusion.diffusion_steps = 1000
   config.diffusion.learn_sigma = True
   config.diffusion.sigma_small = False
+  config.diffusion.min_snr_gamma = config_dict.placeholder(float)  # None: the official loss.
 
   config.model = mc.ConfigDict()
   # A named variant supplies patch_size/hidden_size/depth/num_heads/mlp_ratio; any field set
@@ -66,6 +67,7 @@ def get_config(arg=None):
   config.model.param_dtype = "float32"
   config.model.attention_impl = "xla"
   config.model.remat = False
+  config.model.ln_grad_barrier = False  # True: faster backward on XLA:CPU (same values).
 
   config.optimizer = mc.ConfigDict()
   config.optimizer.learning_rate = 1e-3
@@ -106,6 +108,7 @@ def get_config(arg=None):
   config.sample.num_sampling_steps = 4
   config.sample.cfg_scale = 2.0
   config.sample.guidance_mode = "all"
+  config.sample.guidance_interval = config_dict.placeholder(tuple)  # (lo, hi): guide lo <= t < hi.
   config.sample.clip_denoised = False
   config.sample.final_num_samples_per_class = 1
   config.sample.batch_size = 16

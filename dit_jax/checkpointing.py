@@ -53,7 +53,7 @@ META = "meta"
 # Model fields that change how the forward pass is computed but not the parameters: a run may
 # resume with different values (e.g. moving from GPU to TPU changes the attention kernel). All
 # other model and diffusion fields must match the checkpoint.
-COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "attention_impl", "remat"})
+COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "attention_impl", "remat", "ln_grad_barrier"})
 CHECKED_SECTIONS = ("model", "diffusion")
 
 

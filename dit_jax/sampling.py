@@ -46,8 +46,12 @@ def create_sampling_diffusion(config_diffusion, config_sample) -> dd.GaussianDif
 
 def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode: str,
            sampler: str, clip_denoised: bool, latent_shape: tuple[int, int, int],
-           decode_fn: Callable | None):
-  """Pure: images in [-1, 1] (N, H, W, C) for `labels` (N,), from `key`."""
+           decode_fn: Callable | None, guidance_interval=None):
+  """Pure: images in [-1, 1] (N, H, W, C) for `labels` (N,), from `key`.
+
+  guidance_interval: None (guide every step) or (lo, hi): guide where lo <= t < hi on the
+  original timestep scale (`diffusion.classifier_free_guidance`).
+  """
   n = labels.shape[0]
   noise = jax.random.normal(jax.random.fold_in(key, 0), (n,) + tuple(latent_shape), jnp.float32)
 
@@ -56,7 +60,7 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
 
   if cfg_scale != 1.0:
     model_fn = dd.classifier_free_guidance(model_fn, cfg_scale, null_label=model.num_classes,
-                                           mode=guidance_mode)
+                                           mode=guidance_mode, interval=guidance_interval)
   loop_fn = lambda x, t: model_fn(x, t, labels)
   loop_key = jax.random.fold_in(key, 1)
   if sampler == "ddim":
@@ -77,7 +81,9 @@ class Sampler:
         sample, model=model, diff=diff, cfg_scale=float(config.sample.cfg_scale),
         guidance_mode=config.sample.guidance_mode, sampler=config.sample.sampler,
         clip_denoised=bool(config.sample.clip_denoised), latent_shape=tuple(latent_shape),
-        decode_fn=decode_fn)
+        decode_fn=decode_fn,
+        guidance_interval=dd.guidance.check_interval(config.sample.get("guidance_interval"),
+                                                     "config.sample.guidance_interval"))
     # The key is made inside jit from host integers: a key array computed eagerly would live
     # on one local device, which a multi-process jit cannot take. Replicated output so every
     # process can read it; the parameters keep their shardings.

@@ -73,7 +73,8 @@ def build_model(config_model) -> DiT:
       dtype=config_model.dtype,
       param_dtype=config_model.param_dtype,
       attention_impl=None if attention_impl in (None, "auto") else attention_impl,
-      remat=bool(config_model.remat))
+      remat=bool(config_model.remat),
+      ln_grad_barrier=bool(config_model.get("ln_grad_barrier", False)))
   return DiT(**kwargs)
 
 
@@ -132,8 +133,12 @@ def model_input_shape(config, image_shape, encode_fn: EncodeFn | None) -> tuple[
 def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
                diffusion: dd.GaussianDiffusion, tx: optax.GradientTransformation,
                ema_decay: float, encode_fn: EncodeFn | None = None,
-               lr_schedule: optax.Schedule | None = None) -> tuple[ts.TrainState, dict]:
-  """One optimizer step on `batch` = {"image": (N,H,W,C) in [-1,1], "label": (N,)}; pure."""
+               lr_schedule: optax.Schedule | None = None,
+               min_snr_gamma: float | None = None) -> tuple[ts.TrainState, dict]:
+  """One optimizer step on `batch` = {"image": (N,H,W,C) in [-1,1], "label": (N,)}; pure.
+
+  min_snr_gamma: None (the official loss) or the Min-SNR-gamma weighting of the mse term.
+  """
   k_t, k_noise, k_drop, k_enc = jax.random.split(jax.random.fold_in(rng, state.step), 4)
   x_start = batch["image"].astype(jnp.float32)
   if encode_fn is not None:
@@ -147,7 +152,8 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
     def model_fn(x_t, model_t):
       return model.apply({"params": params}, x_t, model_t, y, train=True,
                          rngs={"label_dropout": k_drop})
-    terms = dd.training_losses(diffusion, model_fn, x_start, t, noise)
+    terms = dd.training_losses(diffusion, model_fn, x_start, t, noise,
+                               min_snr_gamma=min_snr_gamma)
     return jnp.mean(terms["loss"]), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -173,7 +179,8 @@ def jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardi
   """`train_step` bound to the run and jitted once with shardings; the state is donated."""
   step_fn = functools.partial(
       train_step, model=model, diffusion=diffusion, tx=tx,
-      ema_decay=float(config.ema.decay), encode_fn=encode_fn, lr_schedule=lr_schedule)
+      ema_decay=float(config.ema.decay), encode_fn=encode_fn, lr_schedule=lr_schedule,
+      min_snr_gamma=config.diffusion.get("min_snr_gamma"))
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
   return jax.jit(step_fn,

@@ -69,3 +69,33 @@ def test_official_mode_rejects_other_channel_counts():
   y = jnp.array([0, 1])
   out = jax.jit(lambda z: dd.ddim_sample_loop(diff, lambda x, t: ga(x, t, y) * 0.1, z, None))(x)
   assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
+
+
+def test_guidance_interval_guides_only_inside():
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 4, 1))
+  y = jnp.array([1, 2, 3, 4])
+  full = dd.classifier_free_guidance(_fake_model, 3.0, null_label=10)
+  ranged = jax.jit(dd.classifier_free_guidance(_fake_model, 3.0, null_label=10,
+                                               interval=(200, 600)))
+  # Mixed batch: t = 199 and 600 are outside [200, 600), t = 200 and 599 inside.
+  t = jnp.array([199, 200, 599, 600])
+  out, want, cond = ranged(x, t, y), full(x, t, y), _fake_model(x, t, y)
+  np.testing.assert_allclose(out[1:3], want[1:3], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(out[0], cond[0])
+  np.testing.assert_array_equal(out[3], cond[3])
+  assert float(jnp.abs(want[0] - cond[0]).max()) > 0.1  # guidance would have changed them
+  # Whole batch outside: exactly the conditional output (one undoubled model call).
+  calls = []
+  def counting_model(x, t, y):
+    calls.append(x.shape[0])
+    return _fake_model(x, t, y)
+  g = dd.classifier_free_guidance(counting_model, 3.0, null_label=10, interval=(200, 600))
+  t_out = jnp.full((4,), 900)
+  np.testing.assert_array_equal(jax.jit(g)(x, t_out, y), _fake_model(x, t_out, y))
+  assert sorted(calls) == [4, 8]  # both branches traced once: uncond-free and doubled
+
+
+@pytest.mark.parametrize("bad", [(5, 5), (-1, 10), (1,), "ab", (1, 2, 3)])
+def test_guidance_interval_rejects_bad_values(bad):
+  with pytest.raises(ValueError, match="interval"):
+    dd.classifier_free_guidance(_fake_model, 3.0, null_label=10, interval=bad)

@@ -226,6 +226,27 @@ def test_remat_keeps_names_and_values(ref_a):
   assert rel_err(out.transpose(0, 3, 1, 2), ref_a["fwd/out"]) <= 1e-5
 
 
+@pytest.mark.parametrize("block_type", ["adaLN-Zero", "cross-attention"])
+def test_ln_grad_barrier_keeps_values_and_gradients(ref_a, block_type):
+  model, params, x, t, y = _setup(ref_a)
+  model = model.clone(block_type=block_type)
+  params = model.init(jax.random.key(3), x, t, y)["params"]
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape),
+                        params)  # leave the adaLN-Zero init: every path carries gradient
+  barred = model.clone(ln_grad_barrier=True)
+
+  def loss(m):
+    return lambda p: jnp.mean(m.apply({"params": p}, x, t, y) ** 2)
+
+  assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(loss(barred)))(params))
+  assert "optimization_barrier" not in str(jax.make_jaxpr(jax.grad(loss(model)))(params))
+  np.testing.assert_allclose(barred.apply({"params": params}, x, t, y),
+                             model.apply({"params": params}, x, t, y), rtol=1e-6, atol=1e-6)
+  g_ref, g = jax.grad(loss(model))(params), jax.grad(loss(barred))(params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+    assert rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(input_size=9), "input_size=9 is not divisible by patch_size=2"),
     (dict(num_heads=5), "hidden_size=64 is not divisible by num_heads=5"),

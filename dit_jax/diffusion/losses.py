@@ -14,6 +14,13 @@ This module owns the official `diffusion/diffusion_utils.py` likelihood helpers 
   DiT (loss_type "mse", learned sigma): mse = mean_{HWC} (noise - eps_hat)^2,
      vb computed with stop_gradient(eps_hat) (it trains only the variance channels v),
      loss = mse + vb. Fixed variance: loss = mse, vb = 0.
+
+  Optional Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via
+  Min-SNR Weighting Strategy"; off in the DiT recipe): the mse term is weighted per example by
+  min(SNR_t, gamma) / SNR_t for eps prediction (min(SNR_t, gamma) for x_0 prediction), with
+  SNR_t = alpha_bar_t / (1 - alpha_bar_t). It down-weights the easy low-noise steps; the paper
+  reports ~3x faster convergence of ViT/DiT denoisers with gamma = 5. `mse` in the returned
+  dict stays the unweighted value; `loss` carries the weighting.
 """
 from __future__ import annotations
 
@@ -99,7 +106,19 @@ def vb_terms_bpd(diff: GaussianDiffusion, model_output, x_start, x_t, t,
   return {"output": jnp.where(jnp.asarray(t) == 0, nll, kl), "pred_xstart": out["pred_xstart"]}
 
 
-def training_losses(diff: GaussianDiffusion, model_fn: ModelFn, x_start, t, noise):
+def min_snr_weights(diff: GaussianDiffusion, t, gamma: float) -> jnp.ndarray:
+  """Per-example Min-SNR-gamma weights of the mse term, (N,) float32 (see the module docstring)."""
+  if not gamma > 0:
+    raise ValueError(f"min_snr_gamma={gamma!r} must be > 0 (or None for the unweighted loss)")
+  snr = diff.alphas_cumprod / (1.0 - diff.alphas_cumprod)  # float64 table, like the others
+  w = np.minimum(snr, gamma)
+  if diff.model_mean_type == "epsilon":
+    w = w / snr
+  return jnp.asarray(w.astype(np.float32))[t]
+
+
+def training_losses(diff: GaussianDiffusion, model_fn: ModelFn, x_start, t, noise, *,
+                    min_snr_gamma: float | None = None):
   """Per-example losses dict(loss, mse, vb), each (N,) float32 (official `training_losses`).
 
   Args:
@@ -113,7 +132,11 @@ def training_losses(diff: GaussianDiffusion, model_fn: ModelFn, x_start, t, nois
   loss_type "mse"/"rescaled_mse": as the module docstring ("rescaled_mse" scales vb by
   K / 1000). "kl"/"rescaled_kl": loss = vb (times K for "rescaled_kl"), no stop-gradient,
   mse = 0.
+  min_snr_gamma: None (the official loss) or gamma > 0 for Min-SNR weighting of the mse term.
   """
+  if min_snr_gamma is not None and diff.loss_type in ("kl", "rescaled_kl"):
+    raise ValueError(f"min_snr_gamma={min_snr_gamma} weights the mse term; loss_type "
+                     f"{diff.loss_type!r} has none")
   x_t = gaussian.q_sample(diff, x_start, t, noise)
   model_output = model_fn(x_t, gaussian.model_timesteps(diff, t))
   zeros = jnp.zeros(x_start.shape[:1], jnp.float32)
@@ -131,5 +154,6 @@ def training_losses(diff: GaussianDiffusion, model_fn: ModelFn, x_start, t, nois
     vb = zeros
   target = x_start if diff.model_mean_type == "start_x" else noise
   mse = mean_flat((target - out) ** 2)
-  loss = mse + vb if v is not None else mse
+  weighted = mse if min_snr_gamma is None else mse * min_snr_weights(diff, t, min_snr_gamma)
+  loss = weighted + vb if v is not None else weighted
   return {"loss": loss, "mse": mse, "vb": vb}

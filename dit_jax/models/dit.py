@@ -82,6 +82,22 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
+@jax.custom_vjp
+def grad_barrier(x: jax.Array) -> jax.Array:
+  """Identity whose backward passes the cotangent through `lax.optimization_barrier`.
+
+  XLA:CPU fuses each LayerNorm backward with the residual-stream cotangent chain into large
+  transposing fusions that recompute that chain per consumer; on the digits demo model this
+  made the backward pass ~2.5x the forward. A barrier on the LayerNorm-input cotangent keeps
+  it materialised once (measured: 54 -> 44 ms per fwd+bwd at batch 32 on 2 CPU cores). The
+  value and the gradient are unchanged; it only constrains fusion.
+  """
+  return x
+
+
+grad_barrier.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_barrier(g),))
+
+
 def layer_norm(name: Optional[str] = None, affine: bool = False, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
   """LayerNorm with eps 1e-6 and exact (two-pass) float32 statistics, like torch."""
@@ -178,6 +194,7 @@ class DiTBlock(nn.Module):
     attention_impl: `jax.nn.dot_product_attention` implementation.
     dtype: computation dtype.
     param_dtype: parameter dtype.
+    ln_grad_barrier: pass LayerNorm inputs through `grad_barrier` (a CPU speed option).
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -185,10 +202,15 @@ class DiTBlock(nn.Module):
   attention_impl: Optional[str] = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  ln_grad_barrier: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
     d = x.shape[-1]
+    if self.ln_grad_barrier:
+      ln = lambda norm: (lambda v: norm(grad_barrier(v)))  # noqa: E731
+    else:
+      ln = lambda norm: norm  # noqa: E731
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = Attention(self.num_heads, self.attention_impl, name="attn", **kw)
     mlp = Mlp(int(d * self.mlp_ratio), name="mlp", **kw)
@@ -196,7 +218,7 @@ class DiTBlock(nn.Module):
       zero = self.block_type == "adaLN-Zero"
       mod = nn.Dense((6 if zero else 4) * d, kernel_init=zeros if zero else xavier,
                      bias_init=zeros, name="adaLN_modulation_1", **kw)(nn.silu(cond))
-      norm = layer_norm(dtype=self.dtype)
+      norm = ln(layer_norm(dtype=self.dtype))
       if zero:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
         x = x + gate_msa[:, None] * attn(modulate(norm(x), shift_msa, scale_msa))
@@ -206,12 +228,12 @@ class DiTBlock(nn.Module):
         x = x + attn(modulate(norm(x), shift_msa, scale_msa))
         x = x + mlp(modulate(norm(x), shift_mlp, scale_mlp))
       return x
-    x = x + attn(layer_norm("norm1", True, **kw)(x))
+    x = x + attn(ln(layer_norm("norm1", True, **kw))(x))
     if self.block_type == "cross-attention":
       cross = CrossAttention(self.num_heads, self.attention_impl, name="cross_attn", **kw)
-      x = x + cross(layer_norm("norm2", True, **kw)(x), cond.astype(self.dtype))
-      return x + mlp(layer_norm("norm3", True, **kw)(x))
-    return x + mlp(layer_norm("norm2", True, **kw)(x))
+      x = x + cross(ln(layer_norm("norm2", True, **kw))(x), cond.astype(self.dtype))
+      return x + mlp(ln(layer_norm("norm3", True, **kw))(x))
+    return x + mlp(ln(layer_norm("norm2", True, **kw))(x))
 
 
 class FinalLayer(nn.Module):
@@ -288,6 +310,8 @@ class DiT(nn.Module):
     param_dtype: parameter dtype (str or jnp dtype).
     attention_impl: `jax.nn.dot_product_attention` implementation: "xla", "cudnn" or None.
     remat: rematerialise each block (`nn.remat`) in the backward pass; names unchanged.
+    ln_grad_barrier: a fusion barrier on the blocks' LayerNorm-input gradients (`grad_barrier`):
+      faster backward passes on XLA:CPU; same values. Off by default.
   """
   input_size: int = 32
   patch_size: int = 2
@@ -304,6 +328,7 @@ class DiT(nn.Module):
   param_dtype: Union[str, Dtype] = "float32"
   attention_impl: Optional[str] = "xla"
   remat: bool = False
+  ln_grad_barrier: bool = False
 
   def __post_init__(self):
     self._validate()
@@ -398,7 +423,8 @@ class DiT(nn.Module):
     block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
     for i in range(self.depth):
       tokens = block_cls(self.num_heads, self.mlp_ratio, self.block_type, self.attention_impl,
-                         name=f"blocks_{i}", **kw)(tokens, cond)
+                         ln_grad_barrier=self.ln_grad_barrier, name=f"blocks_{i}",
+                         **kw)(tokens, cond)
       self.sow("intermediates", f"block{i}", tokens)
     if self.block_type == "in-context":
       tokens = tokens[:, :self.num_tokens]

@@ -1,0 +1,61 @@
+"""Min-SNR-gamma weighting of the mse term (an option; the official loss is the default)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dit_jax import diffusion as dd
+
+
+def _model_fn(x_t, t):
+  """A fixed 'denoiser' with learned-sigma output (2C channels) that depends on x_t and t."""
+  tt = t.astype(jnp.float32)[:, None, None, None] / 1000.0
+  return jnp.concatenate([0.5 * x_t + tt, jnp.tanh(x_t) - tt], axis=-1)
+
+
+def test_min_snr_weights_eps_prediction():
+  diff = dd.create_diffusion("")
+  t = jnp.arange(diff.num_timesteps)
+  w = np.asarray(dd.losses.min_snr_weights(diff, t, 5.0))
+  snr = diff.alphas_cumprod / (1.0 - diff.alphas_cumprod)
+  np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr, rtol=1e-6)
+  # Low noise (SNR > gamma) is down-weighted, high noise (SNR <= gamma) keeps weight 1.
+  assert w[0] < 1e-3 and np.all(w[snr <= 5.0] == 1.0) and np.all(w[snr > 5.0] < 1.0)
+  assert np.all(np.diff(w) >= 0)  # monotone in t for a monotone schedule
+
+
+def test_min_snr_weights_start_x_prediction():
+  diff = dd.create_diffusion("", predict_xstart=True)
+  t = jnp.array([0, 500, 999])
+  snr = diff.alphas_cumprod / (1.0 - diff.alphas_cumprod)
+  np.testing.assert_allclose(dd.losses.min_snr_weights(diff, t, 5.0),
+                             np.minimum(snr[[0, 500, 999]], 5.0), rtol=1e-6)
+
+
+def test_training_losses_weight_only_the_mse_term():
+  diff = dd.create_diffusion("")
+  key = jax.random.PRNGKey(0)
+  x0 = jnp.tanh(jax.random.normal(key, (6, 4, 4, 3)))
+  noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
+  t = jnp.array([0, 3, 50, 200, 600, 999])
+  plain = dd.training_losses(diff, _model_fn, x0, t, noise)
+  weighted = dd.training_losses(diff, _model_fn, x0, t, noise, min_snr_gamma=5.0)
+  w = dd.losses.min_snr_weights(diff, t, 5.0)
+  np.testing.assert_array_equal(weighted["mse"], plain["mse"])
+  np.testing.assert_array_equal(weighted["vb"], plain["vb"])
+  np.testing.assert_allclose(weighted["loss"], w * plain["mse"] + plain["vb"], rtol=1e-6)
+  assert not np.allclose(weighted["loss"], plain["loss"])
+
+
+@pytest.mark.parametrize("gamma", [0.0, -1.0])
+def test_bad_gamma_is_an_error(gamma):
+  diff = dd.create_diffusion("")
+  with pytest.raises(ValueError, match="min_snr_gamma"):
+    dd.losses.min_snr_weights(diff, jnp.array([1]), gamma)
+
+
+def test_kl_loss_has_no_mse_term_to_weight():
+  diff = dd.create_diffusion("", use_kl=True)
+  x0 = jnp.zeros((1, 2, 2, 1))
+  with pytest.raises(ValueError, match="min_snr_gamma"):
+    dd.training_losses(diff, _model_fn, x0, jnp.array([1]), x0, min_snr_gamma=5.0)
