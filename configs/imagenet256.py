@@ -67,6 +67,7 @@ def make_config(arg, image_size: int):
   config.diffusion = mc.ConfigDict()
   config.diffusion.timestep_respacing = ""  # Train on all T steps.
   config.diffusion.noise_schedule = "linear"
+  config.diffusion.snr_shift = 1.0  # SNR multiplier of every step (1 = the schedule as named).
   config.diffusion.diffusion_steps = 1000
   config.diffusion.learn_sigma = True
   config.diffusion.sigma_small = False

@@ -43,6 +43,7 @@ def get_config(arg=None):
   config.diffusion = mc.ConfigDict()
   config.diffusion.timestep_respacing = ""
   config.diffusion.noise_schedule = "linear"
+  config.diffusion.snr_shift = 1.0  # SNR multiplier of every step (1 = the schedule as named).
   config.diffusion.diffusion_steps = 1000
   config.diffusion.learn_sigma = True
   config.diffusion.sigma_small = False

@@ -41,7 +41,8 @@ def create_sampling_diffusion(config_diffusion, config_sample) -> dd.GaussianDif
       noise_schedule=config_diffusion.noise_schedule,
       diffusion_steps=int(config_diffusion.diffusion_steps),
       learn_sigma=bool(config_diffusion.learn_sigma),
-      sigma_small=bool(config_diffusion.sigma_small))
+      sigma_small=bool(config_diffusion.sigma_small),
+      snr_shift=float(config_diffusion.get("snr_shift", 1.0)))
 
 
 def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode: str,

@@ -85,7 +85,8 @@ def create_diffusion(config_diffusion) -> dd.GaussianDiffusion:
       noise_schedule=config_diffusion.noise_schedule,
       diffusion_steps=int(config_diffusion.diffusion_steps),
       learn_sigma=bool(config_diffusion.learn_sigma),
-      sigma_small=bool(config_diffusion.sigma_small))
+      sigma_small=bool(config_diffusion.sigma_small),
+      snr_shift=float(config_diffusion.get("snr_shift", 1.0)))
 
 
 def latent_codec(config_latent, encode_fn: EncodeFn | None = None,

@@ -212,3 +212,27 @@ def test_eps_xstart_round_trip_and_kl_of_equal_gaussians():
   np.testing.assert_allclose(dd.normal_kl(x, 0.3, x, 0.3), 0.0, atol=1e-7)
   cdf = dd.approx_standard_normal_cdf(jnp.array([-10.0, 0.0, 10.0]))
   np.testing.assert_allclose(cdf, [0.0, 0.5, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_snr_shift_multiplies_every_snr(name):
+  base = dd.get_named_beta_schedule(name, 1000)
+  np.testing.assert_array_equal(dd.schedules.shift_snr(base, 1.0), base)
+  shifted = dd.schedules.shift_snr(base, 4.0)
+  snr = lambda b: np.cumprod(1 - b) / (1 - np.cumprod(1 - b))  # noqa: E731
+  uncapped = base < 0.999  # the cosine schedule caps its last betas
+  np.testing.assert_allclose(snr(shifted)[uncapped], 4.0 * snr(base)[uncapped], rtol=1e-9)
+  assert np.all(shifted > 0) and np.all(shifted <= 0.999)
+  # Through create_diffusion (and respacing): the tables follow the shifted betas.
+  diff = dd.create_diffusion("", noise_schedule=name, snr_shift=4.0)
+  np.testing.assert_allclose(diff.alphas_cumprod, np.cumprod(1 - shifted), rtol=1e-12)
+  respaced = dd.create_diffusion("ddim50", noise_schedule=name, snr_shift=4.0)
+  np.testing.assert_allclose(respaced.alphas_cumprod,
+                             np.cumprod(1 - shifted)[np.asarray(respaced.timestep_map)],
+                             rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0.0, -2.0, float("nan"), float("inf"), True, "4"])
+def test_snr_shift_rejects_bad_factors(bad):
+  with pytest.raises(ValueError, match="snr_shift"):
+    dd.schedules.shift_snr(dd.get_named_beta_schedule("linear", 10), bad)

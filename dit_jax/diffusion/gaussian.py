@@ -132,14 +132,17 @@ def create_diffusion(timestep_respacing: Union[str, Sequence[int], None] = "",
                      noise_schedule: str = "linear", use_kl: bool = False,
                      sigma_small: bool = False, predict_xstart: bool = False,
                      learn_sigma: bool = True, rescale_learned_sigmas: bool = False,
-                     diffusion_steps: int = 1000) -> GaussianDiffusion:
+                     diffusion_steps: int = 1000, snr_shift: float = 1.0) -> GaussianDiffusion:
   """The official `create_diffusion`: schedule, respacing, variance / mean / loss types.
+
+  snr_shift: multiply every step's SNR by this factor (`schedules.shift_snr`; 1 = official).
 
   `timestep_respacing` "" or None keeps all `diffusion_steps`; "250", "10,20,30", "ddim50" or
   a list of section counts respace (see `respacing`). DiT trains with the defaults
   (linear, 1000 steps, learned sigma, loss = mse + vb) and samples with "250".
   """
-  betas = schedules.get_named_beta_schedule(noise_schedule, diffusion_steps)
+  betas = schedules.shift_snr(schedules.get_named_beta_schedule(noise_schedule, diffusion_steps),
+                              snr_shift)
   if use_kl:
     loss_type = "rescaled_kl"
   elif rescale_learned_sigmas:

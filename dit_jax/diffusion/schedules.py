@@ -8,6 +8,14 @@ the official `diffusion/gaussian_diffusion.py`; tables are cast to float32 only 
 * ``cosine`` (Nichol & Dhariwal 2021; the official name is ``squaredcos_cap_v2``):
     alpha_bar(u) = cos((u + 0.008) / 1.008 * pi / 2) ** 2,
     beta_i = min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999),   i = 0..T-1
+
+`shift_snr(betas, s)` multiplies the signal-to-noise ratio of every step by s (an option, 1 in
+the DiT recipes; "simple diffusion", Hoogeboom et al. 2023, shifts log-SNR by the resolution):
+    SNR'_t = s * SNR_t,  alpha_bar'_t = s alpha_bar_t / (1 + (s - 1) alpha_bar_t),
+    beta'_t = min(1 - alpha_bar'_t / alpha_bar'_{t-1}, 0.999).
+Noise destroys a small image's content sooner than a large one's (averaging k x k pixels
+raises the SNR k^2-fold), so schedules tuned at 32-256 px spend many steps on pure noise at
+8 px; s > 1 moves them to noise levels that still carry the image.
 """
 from __future__ import annotations
 
@@ -42,6 +50,20 @@ def cosine(num_timesteps: int) -> np.ndarray:
   """Cosine schedule (official "squaredcos_cap_v2"), betas capped at 0.999."""
   return betas_for_alpha_bar(
       num_timesteps, lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2)
+
+
+def shift_snr(betas: np.ndarray, factor: float, max_beta: float = 0.999) -> np.ndarray:
+  """Betas whose SNR_t = alpha_bar_t / (1 - alpha_bar_t) is `factor` times that of `betas`."""
+  if isinstance(factor, bool) or not isinstance(factor, (int, float, np.floating)) \
+      or not math.isfinite(factor) or factor <= 0:
+    raise ValueError(f"snr_shift={factor!r} must be a finite number > 0 (1 = no shift)")
+  betas = np.asarray(betas, dtype=np.float64)
+  if factor == 1:
+    return betas
+  alpha_bar = np.cumprod(1.0 - betas)
+  shifted = factor * alpha_bar / (1.0 + (factor - 1.0) * alpha_bar)
+  prev = np.concatenate([[1.0], shifted[:-1]])
+  return np.minimum(1.0 - shifted / prev, max_beta)
 
 
 def get_named_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
