@@ -31,7 +31,7 @@ held-out) / FD(1000 real training digits, held-out); it varies by ~0.1 with the 
   width 96, linear schedule, lr 1e-3           20000  ~18m     DDIM 100  0.985     1.28
   width 96, cosine schedule, lr 2e-3           11000  9m31s    DDIM 100  0.980     1.35
 
-The target ratio of 1.3 is reached by longer training (last-but-one row) but, within
+Longer training gets to about 1.3 (last-but-one row, one seed) but, within
 10 minutes, only about 1.4 on average: the digits are clearly the requested ones (accuracy >= 0.98),
 their feature statistics not yet quite as close to the held-out digits as real data's.
 """
