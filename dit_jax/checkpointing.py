@@ -55,6 +55,9 @@ META = "meta"
 # other model and diffusion fields must match the checkpoint.
 COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "attention_impl", "remat", "ln_grad_barrier"})
 CHECKED_SECTIONS = ("model", "diffusion")
+# Fields added after checkpoints were first written, with the value that reproduces what those
+# checkpoints were trained with: a checkpoint without the field matches a config at this value.
+ADDED_FIELD_DEFAULTS = {"diffusion.snr_shift": 1.0, "diffusion.min_snr_gamma": None}
 
 
 def _field(section, name: str, default=None):
@@ -220,6 +223,8 @@ def config_mismatches(saved_config, config) -> list[str]:
       if section == "model" and key.split(".", 1)[1] in COMPUTE_ONLY_MODEL_FIELDS:
         continue
       missing = "<missing>"
+      if key not in a and key in ADDED_FIELD_DEFAULTS:
+        a[key] = ADDED_FIELD_DEFAULTS[key]
       if a.get(key, missing) != b.get(key, missing):
         diffs.append(f"{key}: checkpoint {a.get(key, missing)!r} != config {b.get(key, missing)!r}")
   return diffs

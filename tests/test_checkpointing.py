@@ -222,6 +222,17 @@ def test_config_mismatch_names_fields(tmp_path):
   assert "diffusion.noise_schedule: checkpoint 'linear' != config 'cosine'" in str(err.value)
   assert "hidden_size" not in str(err.value)
 
+  # A checkpoint written before a diffusion field existed matches that field's old behaviour.
+  saved = _config().to_dict()
+  for key in ("snr_shift", "min_snr_gamma"):
+    saved["diffusion"].pop(key, None)
+  current = _config()
+  current.diffusion.snr_shift, current.diffusion.min_snr_gamma = 1.0, None
+  assert checkpointing.config_mismatches(saved, current) == []
+  current.diffusion.snr_shift = 4.0
+  assert checkpointing.config_mismatches(saved, current) == [
+      "diffusion.snr_shift: checkpoint 1.0 != config 4.0"]
+
   # Compute-only fields (e.g. moving from GPU to TPU attention kernels) may change on resume.
   compute = _config(dtype="bfloat16", attention_impl="cudnn")
   restored, _ = checkpointing.restore_or_init(manager, abstract, _shardings(abstract, "fsdp8"),

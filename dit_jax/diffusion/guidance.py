@@ -103,11 +103,11 @@ def classifier_free_guidance(model_fn: Callable, scale, *, null_label: int, mode
       x, t, y = operands
       out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0),
                      jnp.concatenate([y, y_null], axis=0))
+      guided = combine(out[:n], out[n:], scale, mode, c)
       if interval is None:
-        return combine(out[:n], out[n:], scale, mode, c)
+        return guided
       inside = (t >= interval[0]) & (t < interval[1])
-      s = jnp.where(inside, scale, 1.0).reshape((n,) + (1,) * (x.ndim - 1))
-      return jnp.where(inside.reshape(s.shape), combine(out[:n], out[n:], s, mode, c), out[:n])
+      return jnp.where(inside.reshape((n,) + (1,) * (x.ndim - 1)), guided, out[:n])
 
     if interval is None:
       return guided((x, t, y))
