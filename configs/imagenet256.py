@@ -72,6 +72,7 @@ def make_config(arg, image_size: int):
   config.diffusion.learn_sigma = True
   config.diffusion.sigma_small = False
   config.diffusion.min_snr_gamma = config_dict.placeholder(float)  # None: the official loss.
+  config.diffusion.timestep_sampling = "uniform"  # "uniform" (official) | "stratified".
 
   config.model = mc.ConfigDict()
   config.model.variant = _parse_arg(arg)
@@ -110,6 +111,7 @@ def make_config(arg, image_size: int):
   config.mesh.data = -1  # -1 = all devices not used by the other axis.
   config.mesh.fsdp = 1
   config.mesh.strategy = "fsdp"  # "fsdp" | "replicated"; with fsdp=1 both replicate.
+  config.mesh.num_cpu_devices = config_dict.placeholder(int)  # CPU only; None: JAX default.
 
   config.checkpoint = mc.ConfigDict()
   config.checkpoint.save_every_steps = 5_000

@@ -48,6 +48,7 @@ def get_config(arg=None):
   config.diffusion.learn_sigma = True
   config.diffusion.sigma_small = False
   config.diffusion.min_snr_gamma = config_dict.placeholder(float)  # None: the official loss.
+  config.diffusion.timestep_sampling = "uniform"  # "uniform" (official) | "stratified".
 
   config.model = mc.ConfigDict()
   # A named variant supplies patch_size/hidden_size/depth/num_heads/mlp_ratio; any field set
@@ -87,6 +88,7 @@ def get_config(arg=None):
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.strategy = "fsdp"
+  config.mesh.num_cpu_devices = config_dict.placeholder(int)  # CPU only; None: JAX default.
 
   config.checkpoint = mc.ConfigDict()
   config.checkpoint.save_every_steps = 2

@@ -57,7 +57,8 @@ COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "attention_impl", "remat", "ln_g
 CHECKED_SECTIONS = ("model", "diffusion")
 # Fields added after checkpoints were first written, with the value that reproduces what those
 # checkpoints were trained with: a checkpoint without the field matches a config at this value.
-ADDED_FIELD_DEFAULTS = {"diffusion.snr_shift": 1.0, "diffusion.min_snr_gamma": None}
+ADDED_FIELD_DEFAULTS = {"diffusion.snr_shift": 1.0, "diffusion.min_snr_gamma": None,
+                        "diffusion.timestep_sampling": "uniform"}
 
 
 def _field(section, name: str, default=None):

@@ -35,6 +35,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from dit_jax import sharding
 from dit_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -104,6 +105,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not _LIBRARY_INFO_LOGS.value:
     logging.get_absl_handler().addFilter(_NoLibraryInfo())
+  sharding.set_num_cpu_devices(_CONFIG.value.mesh)  # Before any backend exists.
   kwargs = distributed_kwargs(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                               _PROCESS_ID.value)
   if kwargs is not None:

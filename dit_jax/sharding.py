@@ -38,6 +38,23 @@ def _get(section, name, default=None):
   return default if value is None else value
 
 
+def set_num_cpu_devices(config_mesh) -> None:
+  """Splits the host CPU into `config.mesh.num_cpu_devices` devices (None: JAX's default).
+
+  Must run before anything initialises a JAX backend. Only CPU devices change: on a GPU or
+  TPU host the accelerators stay the default devices. On a CPU, N devices run their shards of
+  the batch concurrently, which uses the cores better than one device's intra-op threads for
+  small models (the digits demo: 2 devices on 2 cores train 8% faster at batch 32, 24% at 64).
+  """
+  value = _get(config_mesh, "num_cpu_devices")
+  if value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"config.mesh.num_cpu_devices={value!r}: must be a positive integer "
+                     "or None (JAX's default).")
+  jax.config.update("jax_num_cpu_devices", value)
+
+
 def mesh_shape(config_mesh, num_devices: int) -> tuple[int, int]:
   """(data, fsdp) sizes from `config.mesh` for `num_devices` devices; one size may be -1."""
   sizes = [int(_get(config_mesh, axis, -1 if axis == "data" else 1)) for axis in AXES]

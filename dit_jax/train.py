@@ -8,7 +8,7 @@ One step (official DiT train.py, with per-step randomness from fold_in(seed, ste
 
   k_t, k_noise, k_drop, k_enc = split(fold_in(rng, state.step), 4)
   x_0 = encode(images, k_enc)              (latent configs; identity in pixel space)
-  t ~ U{0, ..., T-1},  eps ~ N(0, I)
+  t ~ U{0, ..., T-1} (i.i.d., or stratified over the batch),  eps ~ N(0, I)
   loss = mean_n training_losses(diffusion, model(., ., y; label dropout from k_drop), x_0, t, eps)
   params <- optax update(grad loss);  ema <- decay * ema + (1 - decay) * params
 
@@ -135,10 +135,12 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
                diffusion: dd.GaussianDiffusion, tx: optax.GradientTransformation,
                ema_decay: float, encode_fn: EncodeFn | None = None,
                lr_schedule: optax.Schedule | None = None,
-               min_snr_gamma: float | None = None) -> tuple[ts.TrainState, dict]:
+               min_snr_gamma: float | None = None,
+               timestep_sampling: str = "uniform") -> tuple[ts.TrainState, dict]:
   """One optimizer step on `batch` = {"image": (N,H,W,C) in [-1,1], "label": (N,)}; pure.
 
   min_snr_gamma: None (the official loss) or the Min-SNR-gamma weighting of the mse term.
+  timestep_sampling: "uniform" (official, i.i.d.) or "stratified" over the global batch.
   """
   k_t, k_noise, k_drop, k_enc = jax.random.split(jax.random.fold_in(rng, state.step), 4)
   x_start = batch["image"].astype(jnp.float32)
@@ -146,7 +148,7 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
     x_start = encode_fn(x_start, k_enc)
   y = batch["label"]
   n = x_start.shape[0]
-  t = jax.random.randint(k_t, (n,), 0, diffusion.num_timesteps)
+  t = dd.sample_timesteps(k_t, n, diffusion.num_timesteps, timestep_sampling)
   noise = jax.random.normal(k_noise, x_start.shape, jnp.float32)
 
   def loss_fn(params):
@@ -181,7 +183,8 @@ def jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardi
   step_fn = functools.partial(
       train_step, model=model, diffusion=diffusion, tx=tx,
       ema_decay=float(config.ema.decay), encode_fn=encode_fn, lr_schedule=lr_schedule,
-      min_snr_gamma=config.diffusion.get("min_snr_gamma"))
+      min_snr_gamma=config.diffusion.get("min_snr_gamma"),
+      timestep_sampling=config.diffusion.get("timestep_sampling") or "uniform")
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
   return jax.jit(step_fn,

@@ -1,4 +1,5 @@
-"""Min-SNR-gamma weighting of the mse term (an option; the official loss is the default)."""
+"""Min-SNR-gamma weighting of the mse term and stratified training timesteps (options; the
+official loss and i.i.d. uniform timesteps are the defaults)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,3 +60,33 @@ def test_kl_loss_has_no_mse_term_to_weight():
   x0 = jnp.zeros((1, 2, 2, 1))
   with pytest.raises(ValueError, match="min_snr_gamma"):
     dd.training_losses(diff, _model_fn, x0, jnp.array([1]), x0, min_snr_gamma=5.0)
+
+
+def test_uniform_timesteps_are_the_official_randint():
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(dd.sample_timesteps(key, 16, 1000, "uniform"),
+                                jax.random.randint(key, (16,), 0, 1000))
+
+
+@pytest.mark.parametrize("n", [8, 32, 7])
+def test_stratified_timesteps_put_one_in_each_of_n_bins(n):
+  for seed in range(20):
+    t = np.asarray(dd.sample_timesteps(jax.random.key(seed), n, 1000, "stratified"))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() < 1000
+    # Bin k of n equal bins of [0, 1000) is [1000 k / n, 1000 (k + 1) / n).
+    bins = np.floor(t * n / 1000).astype(int)
+    np.testing.assert_array_equal(np.sort(bins), np.arange(n))
+
+
+def test_stratified_timesteps_are_marginally_uniform_and_shuffled():
+  keys = jax.random.split(jax.random.key(0), 4000)
+  t = np.asarray(jax.vmap(lambda k: dd.sample_timesteps(k, 4, 8, "stratified"))(keys))
+  for position in range(4):  # Every batch position sees every timestep equally often.
+    counts = np.bincount(t[:, position], minlength=8)
+    assert np.all(np.abs(counts - 500) < 4 * np.sqrt(500 * 7 / 8)), counts
+  assert len({tuple(row) for row in np.argsort(t, axis=1)}) > 12  # Not one fixed order.
+
+
+def test_unknown_timestep_sampling_names_the_field():
+  with pytest.raises(ValueError, match="config.diffusion.timestep_sampling='sobol'"):
+    dd.sample_timesteps(jax.random.key(0), 4, 1000, "sobol")

@@ -1,6 +1,8 @@
 """Mesh construction, FSDP layout, and sharding transparency on 8 simulated CPU devices."""
 import importlib.util
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -40,6 +42,22 @@ def test_mesh_shape_fills_minus_one_and_checks_device_count():
   mesh = sharding.make_mesh(mesh_config(2, -1))
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "2", True])
+def test_num_cpu_devices_rejects_non_positive_integers(value):
+  with pytest.raises(ValueError, match=rf"config.mesh.num_cpu_devices={value!r}"):
+    sharding.set_num_cpu_devices({"num_cpu_devices": value})
+
+
+def test_num_cpu_devices_splits_the_cpu_before_the_backend_starts():
+  # A fresh interpreter: in this one the backend already exists (8 devices from conftest).
+  code = ("import jax; from dit_jax import sharding; "
+          "sharding.set_num_cpu_devices({'num_cpu_devices': 3}); print(jax.device_count())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       check=True).stdout
+  assert out.split()[-1] == "3"  # Wins over the environment's XLA_FLAGS device count.
+  sharding.set_num_cpu_devices({"num_cpu_devices": None})  # None: leaves JAX alone (no error).
 
 
 def test_fsdp_spec_shards_largest_divisible_axis():

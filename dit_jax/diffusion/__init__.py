@@ -14,8 +14,8 @@ from dit_jax.diffusion.gaussian import (
     q_mean_variance, q_posterior_mean_variance, q_sample, split_model_output)
 from dit_jax.diffusion.guidance import classifier_free_guidance, combine
 from dit_jax.diffusion.losses import (
-    approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl,
-    training_losses, vb_terms_bpd)
+    TIMESTEP_SAMPLING, approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat,
+    normal_kl, sample_timesteps, training_losses, vb_terms_bpd)
 from dit_jax.diffusion.respacing import respace_betas, space_timesteps
 from dit_jax.diffusion.samplers import ddim_sample, ddim_sample_loop, p_sample, p_sample_loop
 from dit_jax.diffusion.schedules import betas_for_alpha_bar, cosine, get_named_beta_schedule, linear

@@ -21,6 +21,9 @@ This module owns the official `diffusion/diffusion_utils.py` likelihood helpers 
   SNR_t = alpha_bar_t / (1 - alpha_bar_t). It down-weights the easy low-noise steps; the paper
   reports ~3x faster convergence of ViT/DiT denoisers with gamma = 5. `mse` in the returned
   dict stays the unweighted value; `loss` carries the weighting.
+
+  `sample_timesteps` draws the training timesteps: i.i.d. uniform (official) or stratified
+  over the batch (the same marginal, a lower-variance loss estimate).
 """
 from __future__ import annotations
 
@@ -104,6 +107,30 @@ def vb_terms_bpd(diff: GaussianDiffusion, model_output, x_start, x_t, t,
       x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
   nll = mean_flat(nll) / np.log(2.0)
   return {"output": jnp.where(jnp.asarray(t) == 0, nll, kl), "pred_xstart": out["pred_xstart"]}
+
+
+TIMESTEP_SAMPLING = ("uniform", "stratified")
+
+
+def sample_timesteps(key, n: int, num_timesteps: int, method: str = "uniform") -> jnp.ndarray:
+  """(n,) int32 training timesteps in [0, num_timesteps), each marginally uniform.
+
+  "uniform": i.i.d. (the official `torch.randint`).
+  "stratified": one offset u ~ U[0, 1) for the batch, t_i = floor(((u + i / n) mod 1) T) in
+    a random order: every one of n equal bins of [0, T) gets exactly one timestep. The
+    low-discrepancy sampler of Kingma et al. 2021 (Variational Diffusion Models): the same
+    expected loss with a lower-variance batch estimate of it.
+  """
+  if method == "uniform":
+    return jax.random.randint(key, (n,), 0, num_timesteps)
+  if method != "stratified":
+    raise ValueError(f"config.diffusion.timestep_sampling={method!r}; expected one of "
+                     f"{TIMESTEP_SAMPLING}")
+  k_offset, k_perm = jax.random.split(key)
+  u = jax.random.uniform(k_offset, ())
+  grid = jnp.mod(u + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
+  t = jnp.minimum(jnp.floor(grid * num_timesteps).astype(jnp.int32), num_timesteps - 1)
+  return jax.random.permutation(k_perm, t)
 
 
 def min_snr_weights(diff: GaussianDiffusion, t, gamma: float) -> jnp.ndarray:
