@@ -18,9 +18,10 @@ ask for it:
 - sampling: DDPM, 250 steps, no guidance (cfg_scale 1.0), x_0 predictions NOT clipped to
   [-1, 1]: clipping cuts the extremes of the fine detail and costs ~0.1 of FD ratio; guidance
   makes every digit recognisable and costs diversity (at cfg 1.15 the ratio rises by ~0.1);
-- one CPU device: `mesh.num_cpu_devices=2` trains no faster at batch 16, and once (a long run
-  with an async checkpoint save and a sample grid in flight) XLA:CPU's in-process all-reduce
-  of the 2 devices deadlocked on 2 cores and aborted the run after its 40 s timeout.
+- one CPU device: `mesh.num_cpu_devices=2` trains no faster at batch 16, and once (a long run,
+  just after an async checkpoint save and a sample grid) XLA:CPU's in-process all-reduce of
+  the 2 devices hung on 2 cores: one thread never arrived, and XLA aborted the run after its
+  40 s rendezvous timeout.
 
 Measured on a 2-core AMD EPYC VM (`python -m dit_jax.evaluation.digits`; the ratio is
 FD(samples, held-out) / FD(1000 real training digits, held-out); a single 1000-sample
@@ -32,7 +33,7 @@ measurement moves by about +-0.07 with the sampling seed):
   batch 32, 18000 steps, 2 CPU devices              11m15s   1.418 / 1.239 / 1.288            1.315
   batch 8, 38000 steps                              7m49s    1.526 / 1.424 / 1.388            1.446
   batch 16, 17000 steps, width 96 (6 heads)         8m03s    1.532 / 1.435 / 1.391            1.453
-Accuracy is 0.978-0.993 in every row. Earlier, on a ~25% faster 2-core VM (batch 32, 2 devices):
+Accuracy is 0.979-0.993 in every row above. Earlier, on a ~25% faster 2-core VM (batch 32, 2 devices):
   20000 steps, DDPM 100, x_0 clipped                9m02s    1.410 / 1.300 / 1.420            1.377
     same model, not clipped                                  1.304 / 1.273 / 1.320            1.299
     same model, not clipped, DDPM 250                        -     / 1.187 / 1.304
@@ -40,7 +41,7 @@ Accuracy is 0.978-0.993 in every row. Earlier, on a ~25% faster 2-core VM (batch
   15000 steps, DDPM 100, x_0 clipped (5 seeds)      8m02s    mean 1.39 (DDIM 50: 1.42)
   width 96, linear schedule, lr 1e-3, DDIM 100, clip 20000 steps, ~18m: 1.28 (one seed)
 
-Within 10 minutes the digits are clearly the requested ones (accuracy >= 0.978), and their
+With this config the digits are clearly the requested ones (accuracy 0.981-0.993), and their
 feature statistics sit at about 1.3 times real data's distance from the held-out digits: at
 the target on some sampling seeds, not yet on all (seed 0, the default, is the worst of three).
 """
