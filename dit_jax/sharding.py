@@ -45,7 +45,7 @@ def set_num_cpu_devices(config_mesh) -> None:
   TPU host the accelerators stay the default devices. On a CPU, N devices run their shards of
   the batch concurrently, which can use the cores better than one device's intra-op threads
   for small models (measured on 2 cores: 8% faster at batch 32, 24% at 64, nothing at 16).
-  More devices than cores risk a stall: once, 2 devices on 2 cores hung in an all-reduce
+  As many devices as cores can stall: once, 2 devices on 2 cores hung in an all-reduce
   (XLA:CPU aborts after its 40 s rendezvous timeout), so the digits demo keeps 1.
   """
   value = _get(config_mesh, "num_cpu_devices")
