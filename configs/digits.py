@@ -107,6 +107,7 @@ def get_config(arg=None):
   config.diffusion.sigma_small = False
   config.diffusion.min_snr_gamma = config_dict.placeholder(float)  # None: the official loss.
   config.diffusion.timestep_sampling = "uniform"  # "uniform" (official) | "stratified".
+  config.diffusion.timestep_power = 0.0  # Training t density ~ (t / T)^power; 0 = uniform.
 
   config.model = mc.ConfigDict()
   # A named variant supplies patch_size/hidden_size/depth/num_heads/mlp_ratio; any field set

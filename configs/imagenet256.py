@@ -73,6 +73,7 @@ def make_config(arg, image_size: int):
   config.diffusion.sigma_small = False
   config.diffusion.min_snr_gamma = config_dict.placeholder(float)  # None: the official loss.
   config.diffusion.timestep_sampling = "uniform"  # "uniform" (official) | "stratified".
+  config.diffusion.timestep_power = 0.0  # Training t density ~ (t / T)^power; 0 = uniform.
 
   config.model = mc.ConfigDict()
   config.model.variant = _parse_arg(arg)

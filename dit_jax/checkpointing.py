@@ -58,7 +58,7 @@ CHECKED_SECTIONS = ("model", "diffusion")
 # Fields added after checkpoints were first written, with the value that reproduces what those
 # checkpoints were trained with: a checkpoint without the field matches a config at this value.
 ADDED_FIELD_DEFAULTS = {"diffusion.snr_shift": 1.0, "diffusion.min_snr_gamma": None,
-                        "diffusion.timestep_sampling": "uniform"}
+                        "diffusion.timestep_sampling": "uniform", "diffusion.timestep_power": 0.0}
 
 
 def _field(section, name: str, default=None):

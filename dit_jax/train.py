@@ -136,11 +136,13 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
                ema_decay: float, encode_fn: EncodeFn | None = None,
                lr_schedule: optax.Schedule | None = None,
                min_snr_gamma: float | None = None,
-               timestep_sampling: str = "uniform") -> tuple[ts.TrainState, dict]:
+               timestep_sampling: str = "uniform",
+               timestep_power: float = 0.0) -> tuple[ts.TrainState, dict]:
   """One optimizer step on `batch` = {"image": (N,H,W,C) in [-1,1], "label": (N,)}; pure.
 
   min_snr_gamma: None (the official loss) or the Min-SNR-gamma weighting of the mse term.
   timestep_sampling: "uniform" (official, i.i.d.) or "stratified" over the global batch.
+  timestep_power: training timestep density ~ (t / T)^power (0: uniform, the official).
   """
   k_t, k_noise, k_drop, k_enc = jax.random.split(jax.random.fold_in(rng, state.step), 4)
   x_start = batch["image"].astype(jnp.float32)
@@ -148,7 +150,7 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
     x_start = encode_fn(x_start, k_enc)
   y = batch["label"]
   n = x_start.shape[0]
-  t = dd.sample_timesteps(k_t, n, diffusion.num_timesteps, timestep_sampling)
+  t = dd.sample_timesteps(k_t, n, diffusion.num_timesteps, timestep_sampling, timestep_power)
   noise = jax.random.normal(k_noise, x_start.shape, jnp.float32)
 
   def loss_fn(params):
@@ -184,7 +186,8 @@ def jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardi
       train_step, model=model, diffusion=diffusion, tx=tx,
       ema_decay=float(config.ema.decay), encode_fn=encode_fn, lr_schedule=lr_schedule,
       min_snr_gamma=config.diffusion.get("min_snr_gamma"),
-      timestep_sampling=config.diffusion.get("timestep_sampling") or "uniform")
+      timestep_sampling=config.diffusion.get("timestep_sampling") or "uniform",
+      timestep_power=float(config.diffusion.get("timestep_power") or 0.0))
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
   return jax.jit(step_fn,

@@ -1,5 +1,5 @@
-"""Min-SNR-gamma weighting of the mse term and stratified training timesteps (options; the
-official loss and i.i.d. uniform timesteps are the defaults)."""
+"""Min-SNR-gamma weighting of the mse term, stratified and power-law training timesteps
+(options; the official loss and i.i.d. uniform timesteps are the defaults)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +90,34 @@ def test_stratified_timesteps_are_marginally_uniform_and_shuffled():
 def test_unknown_timestep_sampling_names_the_field():
   with pytest.raises(ValueError, match="config.diffusion.timestep_sampling='sobol'"):
     dd.sample_timesteps(jax.random.key(0), 4, 1000, "sobol")
+
+
+def test_power_zero_is_the_uniform_path():
+  key = jax.random.key(3)
+  for method in dd.losses.TIMESTEP_SAMPLING:
+    np.testing.assert_array_equal(dd.sample_timesteps(key, 64, 1000, method, 0.0),
+                                  dd.sample_timesteps(key, 64, 1000, method))
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, -0.5])
+def test_power_timesteps_follow_the_power_law_cdf(power):
+  t = np.asarray(dd.sample_timesteps(jax.random.key(1), 200_000, 1000, "uniform", power))
+  assert t.min() >= 0 and t.max() <= 999 and t.dtype == np.int32
+  for s in (100, 300, 500, 800):  # P(t < s) = (s / T)^(power + 1).
+    want = (s / 1000) ** (power + 1)
+    assert abs(np.mean(t < s) - want) < 4 * np.sqrt(want * (1 - want) / len(t)) + 1e-3, s
+
+
+def test_stratified_power_timesteps_put_one_in_each_quantile_bin():
+  n, power = 8, 0.5
+  t = np.asarray(dd.sample_timesteps(jax.random.key(2), n, 1000, "stratified", power))
+  # Bin i of the power law is [T (i / n)^(1 / (p + 1)), T ((i + 1) / n)^(1 / (p + 1))).
+  edges = 1000 * (np.arange(n + 1) / n) ** (1 / (power + 1))
+  t = np.sort(t)  # The i-th smallest is floor(x) for an x in bin i.
+  assert np.all(np.floor(edges[:-1]) <= t) and np.all(t < edges[1:]), (t, edges)
+
+
+@pytest.mark.parametrize("power", [-1.0, -2.0, float("nan"), float("inf")])
+def test_bad_timestep_power_names_the_field(power):
+  with pytest.raises(ValueError, match="config.diffusion.timestep_power="):
+    dd.sample_timesteps(jax.random.key(0), 4, 1000, "uniform", power)

@@ -21,14 +21,15 @@ def run_main(*args, timeout=600):
 def test_main_smoke_run_writes_events_grid_samples_and_checkpoints(tmp_path):
   workdir = tmp_path / "run"
   # Also exercises the options that are off by default: a tuple override (guidance interval),
-  # Min-SNR loss weighting, stratified timesteps, the LayerNorm gradient barrier, and a CPU
-  # split into 4 devices (instead of the environment's 8).
+  # Min-SNR loss weighting, stratified power-law timesteps, the LayerNorm gradient barrier,
+  # and a CPU split into 4 devices (instead of the environment's 8).
   proc = run_main("--config=configs/testing.py", f"--workdir={workdir}",
                   "--config.mesh.num_cpu_devices=4",
                   "--config.sample.final_num_samples_per_class=2",
                   "--config.sample.guidance_interval=(0,600)",
                   "--config.diffusion.min_snr_gamma=5", "--config.model.ln_grad_barrier=True",
-                  "--config.diffusion.timestep_sampling=stratified")
+                  "--config.diffusion.timestep_sampling=stratified",
+                  "--config.diffusion.timestep_power=0.5")
   assert proc.returncode == 0, proc.stderr[-5000:]
   assert "Mesh {'data': 4, 'fsdp': 1}" in proc.stderr
   assert list(workdir.glob("events.out.tfevents.*"))

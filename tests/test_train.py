@@ -130,3 +130,35 @@ def test_latent_encoder_plugs_in_and_nonfinite_loss_keeps_last_checkpoint(tmp_pa
   assert checkpointing.latest_step(manager) == 2
   assert manager.all_steps() == [2]
   assert not any(p.name.startswith("4") for p in epath.Path(tmp_path / "checkpoints").iterdir())
+
+
+def test_timestep_power_reaches_the_train_step():
+  """`config.diffusion.timestep_power` changes which t the jitted step trains on: with a huge
+  power every t is T - 1, so the step's vb term is the one of t = T - 1 alone."""
+  def one_step_vb(power):
+    config = load_config()
+    config.diffusion.timestep_power = power
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    model = train.build_model(config.model)
+    diffusion = train.create_diffusion(config.diffusion)
+    tx, schedule = ts.create_optimizer(config.optimizer)
+    init_fn, _, shardings = train.setup_state(config, model, tx, mesh, (8, 8, 1))
+    source = input_pipeline.create_source(config.data, split="train")
+    batch = next(input_pipeline.make_iterator(source, config.data, global_batch_size=16,
+                                              process_index=0, process_count=1, seed=0))
+    batch = sharding.global_batch(batch, sharding.batch_sharding(mesh))
+    step_fn = train.jit_train_step(config, model, diffusion, tx, schedule, mesh, shardings)
+    _, metrics = step_fn(init_fn(), batch, jax.random.key(0))
+    return float(metrics["train/vb"]), diffusion, model, batch
+
+  vb_uniform, _, _, _ = one_step_vb(0.0)
+  vb_last, diffusion, model, batch = one_step_vb(1e9)
+  # At initialisation the model outputs zeros (adaLN-Zero), so vb at t = T - 1 does not
+  # depend on the parameters' values: compute it directly.
+  t = jnp.full((16,), diffusion.num_timesteps - 1)
+  zeros = lambda x, ts_: jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],))  # noqa: E731
+  k_noise = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 4)[1]  # As the step.
+  noise = jax.random.normal(k_noise, batch["image"].shape, jnp.float32)
+  want = float(jnp.mean(dd.training_losses(diffusion, zeros, batch["image"], t, noise)["vb"]))
+  np.testing.assert_allclose(vb_last, want, rtol=1e-4)
+  assert abs(vb_uniform - want) > 0.1 * abs(want), (vb_uniform, want)

@@ -23,7 +23,11 @@ This module owns the official `diffusion/diffusion_utils.py` likelihood helpers 
   dict stays the unweighted value; `loss` carries the weighting.
 
   `sample_timesteps` draws the training timesteps: i.i.d. uniform (official) or stratified
-  over the batch (the same marginal, a lower-variance loss estimate).
+  over the batch (the same marginal, a lower-variance loss estimate), and optionally from a
+  power-law density p(t) ~ (t / T)^power instead of the uniform one (power 0; > 0 spends more
+  of the steps on the noisy end), by the inverse CDF t = floor(T u^(1 / (power + 1))) of the
+  same uniform or stratified u. Like Min-SNR, this changes the weighting of the objective
+  over t; the per-example loss is unchanged.
 """
 from __future__ import annotations
 
@@ -112,25 +116,37 @@ def vb_terms_bpd(diff: GaussianDiffusion, model_output, x_start, x_t, t,
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 
 
-def sample_timesteps(key, n: int, num_timesteps: int, method: str = "uniform") -> jnp.ndarray:
-  """(n,) int32 training timesteps in [0, num_timesteps), each marginally uniform.
+def sample_timesteps(key, n: int, num_timesteps: int, method: str = "uniform",
+                     power: float = 0.0) -> jnp.ndarray:
+  """(n,) int32 training timesteps in [0, num_timesteps).
 
-  "uniform": i.i.d. (the official `torch.randint`).
-  "stratified": one offset u ~ U[0, 1) for the batch, t_i = floor(((u + i / n) mod 1) T) in
-    a random order: every one of n equal bins of [0, T) gets exactly one timestep. The
-    low-discrepancy sampler of Kingma et al. 2021 (Variational Diffusion Models): the same
-    expected loss with a lower-variance batch estimate of it.
+  "uniform": i.i.d. (the official `torch.randint` when power = 0).
+  "stratified": one offset u ~ U[0, 1) for the batch, u_i = (u + i / n) mod 1 in a random
+    order: every one of n equal bins of [0, 1) gets exactly one u. The low-discrepancy
+    sampler of Kingma et al. 2021 (Variational Diffusion Models): the same expected loss with
+    a lower-variance batch estimate of it.
+  power: t = floor(T u^(1 / (power + 1))), so P(t < s) = (s / T)^(power + 1): density
+    ~ (t / T)^power (0: uniform, each t with probability 1 / T). Must be > -1.
   """
-  if method == "uniform":
-    return jax.random.randint(key, (n,), 0, num_timesteps)
-  if method != "stratified":
+  if method not in TIMESTEP_SAMPLING:
     raise ValueError(f"config.diffusion.timestep_sampling={method!r}; expected one of "
                      f"{TIMESTEP_SAMPLING}")
-  k_offset, k_perm = jax.random.split(key)
-  u = jax.random.uniform(k_offset, ())
-  grid = jnp.mod(u + jnp.arange(n, dtype=jnp.float32) / n, 1.0)
-  t = jnp.minimum(jnp.floor(grid * num_timesteps).astype(jnp.int32), num_timesteps - 1)
-  return jax.random.permutation(k_perm, t)
+  power = float(power)
+  if not (np.isfinite(power) and power > -1.0):
+    raise ValueError(f"config.diffusion.timestep_power={power!r} must be a finite number > -1 "
+                     "(0 = uniform)")
+  if method == "uniform":
+    if power == 0.0:
+      return jax.random.randint(key, (n,), 0, num_timesteps)
+    u = jax.random.uniform(key, (n,))
+  else:
+    k_offset, k_perm = jax.random.split(key)
+    offset = jax.random.uniform(k_offset, ())
+    u = jax.random.permutation(k_perm, jnp.mod(offset + jnp.arange(n, dtype=jnp.float32) / n,
+                                               1.0))
+  if power != 0.0:
+    u = u ** (1.0 / (power + 1.0))
+  return jnp.minimum(jnp.floor(u * num_timesteps).astype(jnp.int32), num_timesteps - 1)
 
 
 def min_snr_weights(diff: GaussianDiffusion, t, gamma: float) -> jnp.ndarray:
