@@ -92,11 +92,16 @@ def test_unknown_timestep_sampling_names_the_field():
     dd.sample_timesteps(jax.random.key(0), 4, 1000, "sobol")
 
 
-def test_power_zero_is_the_uniform_path():
+def test_power_zero_draws_the_same_timesteps_as_before_the_option():
+  """power = 0 keeps old runs bit-exact: the official randint, and the stratified grid floored
+  then permuted (the implementation before `power` existed)."""
   key = jax.random.key(3)
-  for method in dd.losses.TIMESTEP_SAMPLING:
-    np.testing.assert_array_equal(dd.sample_timesteps(key, 64, 1000, method, 0.0),
-                                  dd.sample_timesteps(key, 64, 1000, method))
+  np.testing.assert_array_equal(dd.sample_timesteps(key, 64, 1000, "uniform", 0.0),
+                                jax.random.randint(key, (64,), 0, 1000))
+  k_offset, k_perm = jax.random.split(key)
+  grid = jnp.mod(jax.random.uniform(k_offset, ()) + jnp.arange(64, dtype=jnp.float32) / 64, 1.0)
+  old = jax.random.permutation(k_perm, jnp.minimum(jnp.floor(grid * 1000).astype(jnp.int32), 999))
+  np.testing.assert_array_equal(dd.sample_timesteps(key, 64, 1000, "stratified", 0.0), old)
 
 
 @pytest.mark.parametrize("power", [0.5, 1.0, -0.5])
