@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from etils import epath
 import jax
@@ -75,7 +75,8 @@ def checkpoint_directory(workdir: str) -> epath.Path:
   return path / "checkpoints"
 
 
-def create_manager(workdir: str, config_checkpoint) -> ocp.CheckpointManager:
+def create_manager(workdir: str, config_checkpoint,
+                   keep_steps: Sequence[int] = ()) -> ocp.CheckpointManager:
   """Returns the CheckpointManager of `<workdir>/checkpoints`.
 
   Args:
@@ -83,6 +84,7 @@ def create_manager(workdir: str, config_checkpoint) -> ocp.CheckpointManager:
     config_checkpoint: the config's `checkpoint` section with fields `save_every_steps` (> 0),
       `max_to_keep` (> 0), `keep_every_steps` (milestones, 0 = none) and `async` (bool;
       also read as `async_save`, since `async` is a Python keyword).
+    keep_steps: further saved steps never deleted (e.g. the autoguidance guide's step).
   """
   save_every = int(_field(config_checkpoint, "save_every_steps", 0))
   max_to_keep = int(_field(config_checkpoint, "max_to_keep", 0))
@@ -103,6 +105,8 @@ def create_manager(workdir: str, config_checkpoint) -> ocp.CheckpointManager:
   preserve = [ocp_policies.LatestN(max_to_keep)]
   if keep_every:
     preserve.append(ocp_policies.EveryNSteps(keep_every))
+  if keep_steps:
+    preserve.append(ocp_policies.CustomSteps([int(s) for s in keep_steps]))
   options = ocp.CheckpointManagerOptions(
       # Explicit policies (no InitialSavePolicy): saves happen on multiples of save_every_steps,
       # on a preemption notice, or when forced.

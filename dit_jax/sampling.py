@@ -1,9 +1,10 @@
 """Class-conditional sample generation with the EMA parameters (grids and the samples file).
 
 Owns the sampling path used during and after training: a respaced diffusion of
-`sample.num_sampling_steps` steps, classifier-free guidance wrapped around the model function
-(`diffusion.classifier_free_guidance`, null label = num_classes), the ancestral DDPM (or DDIM)
-loop, and decoding to images (identity in pixel space; the VAE decoder for latent configs):
+`sample.num_sampling_steps` steps, optional autoguidance by an earlier EMA snapshot
+(`diffusion.autoguidance`, `sample.autoguidance_scale` / `sample.autoguidance_step`) and
+classifier-free guidance wrapped around the model function (`diffusion.classifier_free_guidance`,
+null label = num_classes), the ancestral DDPM (or DDIM) loop, and decoding to images (identity in pixel space; the VAE decoder for latent configs):
 
   x_T ~ N(0, I) from fold_in(key, 0);  x_0 = loop(guided_model, x_T, fold_in(key, 1))
   images = decode(x_0) in [-1, 1]  ->  uint8 = clip(127.5 x + 128, 0, 255)
@@ -47,11 +48,15 @@ def create_sampling_diffusion(config_diffusion, config_sample) -> dd.GaussianDif
 
 def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode: str,
            sampler: str, clip_denoised: bool, latent_shape: tuple[int, int, int],
-           decode_fn: Callable | None, guidance_interval=None):
+           decode_fn: Callable | None, guidance_interval=None, guide_params=None,
+           autoguidance_scale: float = 1.0):
   """Pure: images in [-1, 1] (N, H, W, C) for `labels` (N,), from `key`.
 
   guidance_interval: None (guide every step) or (lo, hi): guide where lo <= t < hi on the
   original timestep scale (`diffusion.classifier_free_guidance`).
+  guide_params, autoguidance_scale: with a scale != 1, the parameters of the weaker guide
+  model (same architecture, e.g. an earlier EMA snapshot) for `diffusion.autoguidance`;
+  classifier-free guidance, if any, wraps the autoguided model.
   """
   n = labels.shape[0]
   noise = jax.random.normal(jax.random.fold_in(key, 0), (n,) + tuple(latent_shape), jnp.float32)
@@ -59,6 +64,12 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
   def model_fn(x, t, y):
     return model.apply({"params": params}, x, t, y)
 
+  if autoguidance_scale != 1.0:
+    if guide_params is None:
+      raise ValueError(f"autoguidance_scale={autoguidance_scale} needs guide_params")
+    model_fn = dd.autoguidance(model_fn, lambda x, t, y: model.apply({"params": guide_params},
+                                                                     x, t, y),
+                               autoguidance_scale)
   if cfg_scale != 1.0:
     model_fn = dd.classifier_free_guidance(model_fn, cfg_scale, null_label=model.num_classes,
                                            mode=guidance_mode, interval=guidance_interval)
@@ -75,8 +86,10 @@ class Sampler:
   """Jitted EMA sampling for a fixed batch size; `__call__` returns uint8 numpy images."""
 
   def __init__(self, model, config, mesh, latent_shape, decode_fn=None,
-               batch_size: int | None = None):
+               batch_size: int | None = None, autoguided: bool = True):
+    """autoguided=False ignores `config.sample.autoguidance_scale` (training-time grids)."""
     self.batch_size = int(batch_size or config.sample.batch_size)
+    self.autoguidance_scale = autoguidance_scale(config.sample) if autoguided else 1.0
     diff = create_sampling_diffusion(config.diffusion, config.sample)
     fn = functools.partial(
         sample, model=model, diff=diff, cfg_scale=float(config.sample.cfg_scale),
@@ -84,24 +97,64 @@ class Sampler:
         clip_denoised=bool(config.sample.clip_denoised), latent_shape=tuple(latent_shape),
         decode_fn=decode_fn,
         guidance_interval=dd.guidance.check_interval(config.sample.get("guidance_interval"),
-                                                     "config.sample.guidance_interval"))
+                                                     "config.sample.guidance_interval"),
+        autoguidance_scale=self.autoguidance_scale)
     # The key is made inside jit from host integers: a key array computed eagerly would live
     # on one local device, which a multi-process jit cannot take. Replicated output so every
     # process can read it; the parameters keep their shardings.
-    def from_seed(params, labels, seed, chunk):
-      return fn(params, labels, jax.random.fold_in(jax.random.key(seed), chunk))
+    def from_seed(params, labels, seed, chunk, guide_params):
+      return fn(params, labels, jax.random.fold_in(jax.random.key(seed), chunk),
+                guide_params=guide_params)
     self._fn = jax.jit(from_seed, out_shardings=NamedSharding(mesh, P()))
 
-  def __call__(self, params, labels: np.ndarray, seed: int) -> np.ndarray:
-    """uint8 (N, H, W, C) samples of `labels`; batch b uses fold_in(key(seed), b)."""
+  def __call__(self, params, labels: np.ndarray, seed: int, guide_params=None) -> np.ndarray:
+    """uint8 (N, H, W, C) samples of `labels`; batch b uses fold_in(key(seed), b).
+
+    guide_params: the autoguidance guide's parameters; needed iff
+    `config.sample.autoguidance_scale` != 1, ignored otherwise.
+    """
+    if self.autoguidance_scale == 1.0:
+      guide_params = None
+    elif guide_params is None:
+      raise ValueError(f"config.sample.autoguidance_scale={self.autoguidance_scale} needs the "
+                       "guide's parameters (the EMA parameters of the checkpoint at "
+                       "config.sample.autoguidance_step)")
     labels = np.asarray(labels, np.int32)
     out = []
     for b, start in enumerate(range(0, len(labels), self.batch_size)):
       chunk = labels[start:start + self.batch_size]
       padded = np.pad(chunk, (0, self.batch_size - len(chunk)))
-      images = self._fn(params, padded, np.uint32(seed), np.uint32(b))
+      images = self._fn(params, padded, np.uint32(seed), np.uint32(b), guide_params)
       out.append(image_lib.to_uint8(np.asarray(images))[:len(chunk)])
     return np.concatenate(out, axis=0)
+
+
+def autoguidance_scale(config_sample) -> float:
+  """`config.sample.autoguidance_scale` (1 = off, also when the field is absent), checked."""
+  scale = config_sample.get("autoguidance_scale")
+  scale = 1.0 if scale is None else float(scale)
+  if not np.isfinite(scale):
+    raise ValueError(f"config.sample.autoguidance_scale={scale!r} must be a finite number "
+                     "(1 = no autoguidance)")
+  return scale
+
+
+def autoguidance_step(config_sample, total_steps: int, save_every_steps: int) -> int | None:
+  """The training step whose EMA parameters guide the final samples, or None (no autoguidance).
+
+  It must be a saved step before the last one (0 < step < total_steps, a multiple of
+  `config.checkpoint.save_every_steps`); the checkpoint manager then keeps it.
+  """
+  if autoguidance_scale(config_sample) == 1.0:
+    return None
+  step = config_sample.get("autoguidance_step")
+  if step is None or not 0 < int(step) < int(total_steps) or int(step) % int(save_every_steps):
+    raise ValueError(
+        f"config.sample.autoguidance_step={step!r} must be a saved step before the end of "
+        f"training: 0 < step < config.total_steps={total_steps} and a multiple of "
+        f"config.checkpoint.save_every_steps={save_every_steps} "
+        f"(config.sample.autoguidance_scale={config_sample.get('autoguidance_scale')} != 1).")
+  return int(step)
 
 
 def grid_labels(classes, per_class: int) -> np.ndarray:

@@ -217,6 +217,18 @@ def _check_finite(step: int, host_metrics: dict, workdir, manager) -> None:
         "Lower config.optimizer.learning_rate, add warmup_steps or grad_clip_norm, and resume.")
 
 
+def _restore_guide(manager, guide_step: int, abstract_state, state_shardings):
+  """The EMA parameters of checkpoint `guide_step` (the autoguidance guide), sharded."""
+  if guide_step not in manager.all_steps():
+    raise FileNotFoundError(
+        f"config.sample.autoguidance_step={guide_step}: no such checkpoint in "
+        f"{manager.directory} (saved steps: {sorted(manager.all_steps())}). It is kept when the "
+        "run trains through that step with autoguidance on; set config.sample.autoguidance_scale"
+        "=1 to sample without it.")
+  guide_state, _ = checkpointing.restore(manager, guide_step, abstract_state, state_shardings)
+  return guide_state.ema_params
+
+
 def _save_npz(path, **arrays) -> None:
   buf = io.BytesIO()
   np.savez(buf, *arrays.values())
@@ -241,6 +253,8 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   encode_fn, decode_fn = latent_codec(config.latent, encode_fn, decode_fn)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_global_batch(global_batch_size, mesh, jax.process_count())
+  guide_step = sampling.autoguidance_step(config.sample, total_steps,
+                                          int(config.checkpoint.save_every_steps))
   logging.info("Mesh %s on %d processes (%s).", dict(mesh.shape), jax.process_count(),
                mesh.devices.flat[0].device_kind)
 
@@ -251,7 +265,8 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   tx, lr_schedule = ts.create_optimizer(config.optimizer)
 
   init_fn, abstract_state, state_shardings = setup_state(config, model, tx, mesh, input_shape)
-  manager = checkpointing.create_manager(workdir, config.checkpoint)
+  manager = checkpointing.create_manager(workdir, config.checkpoint,
+                                         keep_steps=() if guide_step is None else (guide_step,))
   state, meta = checkpointing.restore_or_init(manager, abstract_state, state_shardings, init_fn,
                                               config)
   step = int(jax.device_get(state.step))
@@ -281,11 +296,14 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   peak_total = peak * mesh.devices.size if peak else None
   samplers = {}
 
-  def get_sampler(batch_size):  # One compile per batch size; grids use their exact size.
-    if batch_size not in samplers:
-      samplers[batch_size] = sampling.Sampler(model, config, mesh, input_shape, decode_fn,
-                                              batch_size=batch_size)
-    return samplers[batch_size]
+  def get_sampler(batch_size, autoguided=False):
+    # One compile per batch size; grids use their exact size and the EMA model alone (the
+    # autoguidance guide is an earlier checkpoint), the final samples use the sampling config.
+    if (batch_size, autoguided) not in samplers:
+      samplers[batch_size, autoguided] = sampling.Sampler(
+          model, config, mesh, input_shape, decode_fn, batch_size=batch_size,
+          autoguided=autoguided)
+    return samplers[batch_size, autoguided]
 
   grid_classes = tuple(config.logging.grid_classes)
   per_class = int(config.logging.grid_samples_per_class)
@@ -349,9 +367,16 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   # Every process runs the sampler (a collective), so the decision must not depend on files.
   if n_final > 0:
     labels = np.repeat(np.arange(model.num_classes, dtype=np.int32), n_final)
-    logging.info("Generating %d final samples with the EMA parameters.", len(labels))
+    guide_params = None
+    if guide_step is not None:
+      guide_params = _restore_guide(manager, guide_step, abstract_state, state_shardings)
+    logging.info("Generating %d final samples with the EMA parameters%s.", len(labels),
+                 "" if guide_step is None else
+                 f", autoguided (scale {config.sample.autoguidance_scale}) by those of step "
+                 f"{guide_step}")
     batch_size = min(int(config.sample.batch_size), len(labels))
-    images = get_sampler(batch_size)(state.ema_params, labels, int(config.sample.seed))
+    images = get_sampler(batch_size, autoguided=True)(state.ema_params, labels,
+                                                      int(config.sample.seed), guide_params)
     if is_main:
       _save_npz(workdir / "samples.npz", arr_0=images, arr_1=labels)
       shown = min(n_final, 10)

@@ -93,8 +93,10 @@ def test_digits_demo_smoke_run_and_its_measurement(tmp_path, capsys):
                   "--config.sample.num_sampling_steps=2", "--config.sample.batch_size=10",
                   "--config.sample.final_num_samples_per_class=1",
                   "--config.logging.grid_samples_per_class=1",
-                  "--config.checkpoint.save_every_steps=2")
+                  "--config.checkpoint.save_every_steps=2",
+                  "--config.sample.autoguidance_step=2")  # The guide: step 2's EMA.
   assert proc.returncode == 0, proc.stderr[-5000:]
+  assert "autoguided (scale 1.3) by those of step 2" in proc.stderr
   with np.load(workdir / "samples.npz") as z:
     assert z["arr_0"].shape == (10, 8, 8, 1) and z["arr_0"].dtype == np.uint8
     np.testing.assert_array_equal(z["arr_1"], np.arange(10))

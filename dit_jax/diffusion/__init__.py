@@ -12,7 +12,7 @@ from dit_jax.diffusion.gaussian import (
     GaussianDiffusion, create_diffusion, extract, from_betas, model_timesteps,
     p_mean_variance, predict_eps_from_xstart, predict_xstart_from_eps,
     q_mean_variance, q_posterior_mean_variance, q_sample, split_model_output)
-from dit_jax.diffusion.guidance import classifier_free_guidance, combine
+from dit_jax.diffusion.guidance import autoguidance, classifier_free_guidance, combine
 from dit_jax.diffusion.losses import (
     TIMESTEP_SAMPLING, approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat,
     normal_kl, sample_timesteps, training_losses, vb_terms_bpd)
@@ -23,8 +23,8 @@ from dit_jax.diffusion.schedules import betas_for_alpha_bar, cosine, get_named_b
 __all__ = [
     "GaussianDiffusion", "create_diffusion", "extract", "from_betas", "model_timesteps",
     "p_mean_variance", "predict_eps_from_xstart", "predict_xstart_from_eps", "q_mean_variance",
-    "q_posterior_mean_variance", "q_sample", "split_model_output", "classifier_free_guidance",
-    "combine", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat",
+    "q_posterior_mean_variance", "q_sample", "split_model_output", "autoguidance",
+    "classifier_free_guidance", "combine", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat",
     "normal_kl", "training_losses", "vb_terms_bpd", "respace_betas", "space_timesteps",
     "ddim_sample", "ddim_sample_loop", "p_sample", "p_sample_loop", "betas_for_alpha_bar",
     "cosine", "get_named_beta_schedule", "linear",

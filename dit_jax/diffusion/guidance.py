@@ -115,3 +115,20 @@ def classifier_free_guidance(model_fn: Callable, scale, *, null_label: int, mode
     return jax.lax.cond(jnp.any(inside), guided, lambda ops: model_fn(*ops), (x, t, y))
 
   return guided_fn
+
+
+def autoguidance(model_fn: Callable, guide_fn: Callable, scale):
+  """Wraps model_fn(x, t, y) and a weaker guide_fn(x, t, y) into guided_fn(x, t, y).
+
+  Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"):
+  the same extrapolation as classifier-free guidance, eps = eps_guide + s (eps_model -
+  eps_guide), but away from a weaker model of the *same* conditional distribution (here: an
+  earlier EMA snapshot of the same run) rather than from the unconditional model. Both see the
+  same labels, so it corrects the model's errors without trading diversity for class fidelity.
+  The variance channels keep the model's values (mode "all" of `combine`); scale = 1 gives
+  model_fn's output up to rounding (callers skip the guide then). Composes with `classifier_free_guidance` (wrap the result of this).
+  """
+  def guided_fn(x, t, y):
+    return combine(model_fn(x, t, y), guide_fn(x, t, y), scale, "all", x.shape[-1])
+
+  return guided_fn
