@@ -3,8 +3,9 @@
 Owns the sampling path used during and after training: a respaced diffusion of
 `sample.num_sampling_steps` steps, optional autoguidance by an earlier EMA snapshot
 (`diffusion.autoguidance`, `sample.autoguidance_scale` / `sample.autoguidance_step`) and
-classifier-free guidance wrapped around the model function (`diffusion.classifier_free_guidance`,
-null label = num_classes), the ancestral DDPM (or DDIM) loop, and decoding to images (identity in pixel space; the VAE decoder for latent configs):
+classifier-free guidance wrapped around the model function
+(`diffusion.classifier_free_guidance`, null label = num_classes), the ancestral DDPM (or DDIM)
+loop, and decoding to images (identity in pixel space; the VAE decoder for latent configs):
 
   x_T ~ N(0, I) from fold_in(key, 0);  x_0 = loop(guided_model, x_T, fold_in(key, 1))
   images = decode(x_0) in [-1, 1]  ->  uint8 = clip(127.5 x + 128, 0, 255)

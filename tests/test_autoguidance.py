@@ -45,7 +45,8 @@ def test_autoguidance_extrapolates_eps_and_keeps_the_models_variance():
   both = dd.classifier_free_guidance(dd.autoguidance(good, bad, 1.7), 2.0, null_label=10)(x, t, y)
   ag = dd.autoguidance(good, bad, 1.7)
   cond, uncond = ag(x, t, y), ag(x, t, jnp.full_like(y, 10))
-  np.testing.assert_allclose(both[..., :2], uncond[..., :2] + 2.0 * (cond[..., :2] - uncond[..., :2]),
+  np.testing.assert_allclose(both[..., :2],
+                             uncond[..., :2] + 2.0 * (cond[..., :2] - uncond[..., :2]),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -91,8 +92,9 @@ def test_sampler_with_the_model_as_its_own_guide_is_unguided():
   with pytest.raises(ValueError, match=r"config\.sample\.autoguidance_scale=1.5 needs"):
     guided(params, labels, 3)
   # Grids during training sample the EMA model alone.
-  ungated = sampling.Sampler(model, config, mesh, (8, 8, 1), batch_size=10, autoguided=False)
-  np.testing.assert_array_equal(ungated(params, labels, 3), plain)
+  grid_sampler = sampling.Sampler(model, config, mesh, (8, 8, 1), batch_size=10,
+                                  autoguided=False)
+  np.testing.assert_array_equal(grid_sampler(params, labels, 3), plain)
 
 
 @pytest.mark.parametrize("step", [None, 0, 8, 9, 3])
@@ -121,10 +123,9 @@ def test_training_keeps_the_guide_checkpoint_and_samples_with_it(tmp_path):
   config.logging.sample_every_steps = 0
   config.sample.cfg_scale = 1.0
   config.sample.autoguidance_scale = 1.5
-  config.sample.autoguidance_step = 2
+  config.sample.autoguidance_step = 7  # Not a saved step: fails before training.
   with pytest.raises(ValueError, match=r"config\.sample\.autoguidance_step=7"):
-    config.sample.autoguidance_step = 7
-    train.train_and_evaluate(config, str(tmp_path))  # Fails before training: not a saved step.
+    train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
   config.sample.autoguidance_step = 2
   state = train.train_and_evaluate(config, str(tmp_path))

@@ -24,8 +24,9 @@ __all__ = [
     "GaussianDiffusion", "create_diffusion", "extract", "from_betas", "model_timesteps",
     "p_mean_variance", "predict_eps_from_xstart", "predict_xstart_from_eps", "q_mean_variance",
     "q_posterior_mean_variance", "q_sample", "split_model_output", "autoguidance",
-    "classifier_free_guidance", "combine", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat",
-    "normal_kl", "training_losses", "vb_terms_bpd", "respace_betas", "space_timesteps",
+    "classifier_free_guidance", "combine", "approx_standard_normal_cdf",
+    "discretized_gaussian_log_likelihood", "mean_flat", "normal_kl", "training_losses",
+    "vb_terms_bpd", "respace_betas", "space_timesteps",
     "ddim_sample", "ddim_sample_loop", "p_sample", "p_sample_loop", "betas_for_alpha_bar",
     "cosine", "get_named_beta_schedule", "linear",
 ]

@@ -126,7 +126,8 @@ def autoguidance(model_fn: Callable, guide_fn: Callable, scale):
   earlier EMA snapshot of the same run) rather than from the unconditional model. Both see the
   same labels, so it corrects the model's errors without trading diversity for class fidelity.
   The variance channels keep the model's values (mode "all" of `combine`); scale = 1 gives
-  model_fn's output up to rounding (callers skip the guide then). Composes with `classifier_free_guidance` (wrap the result of this).
+  model_fn's output up to rounding (callers skip the guide then). Composes with
+  `classifier_free_guidance`: wrap the autoguided function in it.
   """
   def guided_fn(x, t, y):
     return combine(model_fn(x, t, y), guide_fn(x, t, y), scale, "all", x.shape[-1])
