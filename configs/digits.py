@@ -52,9 +52,13 @@ the run is another draw of the same recipe.
   model without autoguidance (its training is bit-identical: the previous end-to-end run):
   1.389 / 1.279 / 1.248 / 1.142 / 1.419 (mean 1.295, accuracy 0.985-0.991).
 
-  autoguidance, pinned training-seed-0 model   sampling seeds 0 / 1 / 2 / 3           mean
-  none (scale 1)                                1.376 / 1.245 / 1.270 / 1.109          1.250
-  guide step 6000, scale 1.3 (this config)      1.334 / 1.130 / 1.157 / 0.997          1.155
+  autoguidance (pinned runs)                   sampling seeds 0 / 1 / 2 / 3           mean
+  training seed 0, none (scale 1)               1.376 / 1.245 / 1.270 / 1.109          1.250
+  training seed 0, this config (6000, 1.3)      1.334 / 1.130 / 1.157 / 0.997          1.155
+  training seed 1, none -> this config          1.445 / 1.346 / 1.305 -> 1.428 / 1.273 / 1.219
+  training seed 2, none -> this config          1.435 / 1.310 / 1.298 -> 1.449 / 1.268 / 1.219
+    (training seeds 0-2 x sampling seeds 0-2: mean 1.337 -> 1.275)
+  training seed 0, other guides:
   guide step 6000, scale 1.2                    1.346 / 1.158 / 1.187
   guide step 6000, scale 1.4                    1.363 / 1.106 / 1.153
   guide step 8000, scale 1.3                    1.340 / 1.170 / 1.183
