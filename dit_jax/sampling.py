@@ -68,9 +68,10 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
   if autoguidance_scale != 1.0:
     if guide_params is None:
       raise ValueError(f"autoguidance_scale={autoguidance_scale} needs guide_params")
-    model_fn = dd.autoguidance(model_fn, lambda x, t, y: model.apply({"params": guide_params},
-                                                                     x, t, y),
-                               autoguidance_scale)
+    def guide_fn(x, t, y):
+      return model.apply({"params": guide_params}, x, t, y)
+
+    model_fn = dd.autoguidance(model_fn, guide_fn, autoguidance_scale)
   if cfg_scale != 1.0:
     model_fn = dd.classifier_free_guidance(model_fn, cfg_scale, null_label=model.num_classes,
                                            mode=guidance_mode, interval=guidance_interval)

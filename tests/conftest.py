@@ -6,6 +6,7 @@ halves the suite's wall time. Both are environment variables so that subprocesse
 tests (resume, multi-host, demo smoke runs) inherit them. They must be set before jax is
 imported, which is why this file sets them at import time.
 """
+import importlib.util
 import os
 import pathlib
 import tempfile
@@ -22,6 +23,19 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 DATA_DIR = pathlib.Path(__file__).parent / "data"
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name="testing", **overrides):
+  """`configs/<name>.py`'s get_config(None), with `section__field=value` overrides."""
+  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(None)
+  for path, value in overrides.items():
+    section, field = path.split("__")
+    config[section][field] = value
+  return config
 
 
 @pytest.fixture(scope="session")

@@ -1,26 +1,18 @@
 """Autoguidance: the guided function, the sampler path, the config checks and the kept guide."""
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_config
 from dit_jax import checkpointing
 from dit_jax import diffusion as dd
 from dit_jax import sampling
 from dit_jax import sharding
 from dit_jax import train
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-
-def load_config(name="testing"):
-  spec = importlib.util.spec_from_file_location(f"_cfg_ag_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(None)
 
 
 def _fake(offset):

@@ -1,6 +1,4 @@
 """Mesh construction, FSDP layout, and sharding transparency on 8 simulated CPU devices."""
-import importlib.util
-import pathlib
 import subprocess
 import sys
 
@@ -8,23 +6,13 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import load_config
 from dit_jax import input_pipeline
 from dit_jax import sharding
 from dit_jax import train
 from dit_jax import train_state as ts
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-
-def load_config(name, **overrides):
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(None)
-  for path, value in overrides.items():
-    section, field = path.split("__")
-    config[section][field] = value
-  return config
 
 
 def mesh_config(data, fsdp):

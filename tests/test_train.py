@@ -1,7 +1,5 @@
 """A real train step on CPU, the EMA rule, the optimizer options, a plugged-in latent encoder
 and the stop on a non-finite loss (keeping the last good checkpoint)."""
-import importlib.util
-import pathlib
 
 from etils import epath
 import jax
@@ -9,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_config
 from dit_jax import checkpointing
 from dit_jax import diffusion as dd
 from dit_jax import input_pipeline
@@ -16,14 +15,7 @@ from dit_jax import sharding
 from dit_jax import train
 from dit_jax import train_state as ts
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-
-def load_config(name="testing"):
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(None)
 
 
 def test_train_steps_reduce_loss_and_update_ema():
