@@ -13,8 +13,6 @@ from dit_jax import sharding
 from dit_jax import train
 
 
-
-
 def _fake(offset):
   def fn(x, t, y):  # 2C channels: "eps" then "variance values", different per model.
     base = jnp.tanh(x + 0.001 * t[:, None, None, None] + 0.1 * y[:, None, None, None] + offset)

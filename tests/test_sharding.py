@@ -13,8 +13,6 @@ from dit_jax import train
 from dit_jax import train_state as ts
 
 
-
-
 def mesh_config(data, fsdp):
   return load_config("testing", mesh__data=data, mesh__fsdp=fsdp).mesh
 

@@ -16,8 +16,6 @@ from dit_jax import train
 from dit_jax import train_state as ts
 
 
-
-
 def test_train_steps_reduce_loss_and_update_ema():
   config = load_config()
   config.ema.decay = 0.5
