@@ -85,6 +85,11 @@ the run is another draw of the same recipe.
                                                               250: 1.334 / 1.130 / 1.157 /
                                                               0.997 / 1.332, mean 1.190)
   DDPM 500 steps                                              1.368 / 1.305
+  the raw (not EMA) parameters of step 24000 as the guide     1.379 / 1.249
+  mean eps of three independently trained models (training    1.395 (seed 0; alone 1.334 /
+    seeds 0-2, their guides averaged too)                     1.428 / 1.449)
+    An ensemble is worse than its best member: the excess is a bias the models share (too
+    little variety), not their variance.
     A step count re-draws every step's noise, so it moves single seeds like a new sampling
     seed does. Over training seeds 0-2 x sampling seeds 0-2, 300 steps average 1.258 (250:
     1.275; seed 0: 1.283 / 1.384 / 1.393 vs 1.334 / 1.428 / 1.449, one shared noise draw): a
@@ -112,10 +117,6 @@ the run is another draw of the same recipe.
     steps/s, over 10 minutes at the VM's slower 48 steps/s)   / 1.274 (mean 1.172 vs 1.190);
     training seeds 1 / 2: 1.467 / 1.310 / 1.212, 1.295 / 1.183 / 1.157; over 3 x 3 seeds
     1.246 vs 1.275 (seed 1 worse, seed 2 better): inside the spread, so not adopted.
-  sampling with the mean eps of three independently trained models (training seeds 0-2,
-  their guides averaged too): 1.395 (seed 0; the models alone 1.334 / 1.428 / 1.449), so
-  the excess is a bias the models share, not their variance; the raw (not EMA) parameters
-  of step 24000 as the guide: 1.379 / 1.249.
 
   ratio, mean of sampling seeds 0 / 1 / 2   training seed 0   1      2      3      4      mean
   uniform timesteps (the previous recipe)   1.331*            1.420  1.351  1.385  1.443  1.386
