@@ -72,7 +72,7 @@ the run is another draw of the same recipe.
   guide step 6000, scale 1.7                    1.522 (seed 0)
   guide step 12000, scale 1.3                   1.341 (seed 0)
   guide: a width-32, depth-2 model of 8000 steps (ratio 4.7 alone), scale 1.5: 1.795 (seed 0)
-  guide step 6000, scale 1.3, fixed-large variance: - / 1.121 / 1.143 / 0.984 (~0.01 lower)
+  guide step 6000, scale 1.3, fixed-large variance: 1.326 / 1.121 / 1.143 / 0.984 (~0.01 lower)
   training seed 0 with this config's autoguidance (1.334 / 1.130 / 1.157), sampling
   variants (seeds 0 / 1; none kept):
   mean eps of the EMA of steps 24000, 22000 and 20000         1.343 (seed 0)
@@ -119,6 +119,7 @@ the run is another draw of the same recipe.
     training seeds 1 / 2: 1.467 / 1.310 / 1.212, 1.295 / 1.183 / 1.157; over 3 x 3 seeds
     1.246 vs 1.275 (seed 1 worse, seed 2 better): inside the spread, so not adopted.
   AdamW b2 0.9995                                             1.383 (seed 0)
+  lr 3e-3                                                     1.358 (seed 0)
   Stable Target Field eps targets (Xu et al. 2023; a hack):   1.400 (seed 0)
     the target is built from the exact posterior mean of x_0 over all training digits of the
     label (zero-variance targets); for t >= 700 only (where >= 26 digits share the
