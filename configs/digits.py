@@ -294,6 +294,7 @@ def get_config(arg=None):
   config.sample.guidance_interval = config_dict.placeholder(tuple)  # (lo, hi): guide lo <= t < hi.
   config.sample.autoguidance_scale = 1.3  # Guided by the EMA snapshot of step 6000 (see above).
   config.sample.autoguidance_step = 6000
+  config.sample.noise = "centered"  # Tied within each class (see above).
   config.sample.clip_denoised = False  # As the official sample.py (see above).
   config.sample.final_num_samples_per_class = 100
   config.sample.batch_size = 100  # = the grid: one sampler compile.

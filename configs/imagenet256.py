@@ -138,6 +138,7 @@ def make_config(arg, image_size: int):
   config.sample.guidance_interval = config_dict.placeholder(tuple)  # (lo, hi): guide lo <= t < hi.
   config.sample.autoguidance_scale = 1.0  # 1 = off; else guided by an earlier EMA snapshot:
   config.sample.autoguidance_step = config_dict.placeholder(int)  # its training step.
+  config.sample.noise = "iid"  # Official; "antithetic" | "centered" (diffusion/noise.py).
   config.sample.clip_denoised = False
   config.sample.final_num_samples_per_class = 0  # FID sampling is a separate job.
   config.sample.batch_size = 64

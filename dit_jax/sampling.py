@@ -5,7 +5,9 @@ Owns the sampling path used during and after training: a respaced diffusion of
 (`diffusion.autoguidance`, `sample.autoguidance_scale` / `sample.autoguidance_step`) and
 classifier-free guidance wrapped around the model function
 (`diffusion.classifier_free_guidance`, null label = num_classes), the ancestral DDPM (or DDIM)
-loop, and decoding to images (identity in pixel space; the VAE decoder for latent configs):
+loop with the noise design of `sample.noise` (`diffusion.noise`: "iid", the official sampler,
+unless a config asks otherwise), and decoding to images (identity in pixel space; the VAE
+decoder for latent configs):
 
   x_T ~ N(0, I) from fold_in(key, 0);  x_0 = loop(guided_model, x_T, fold_in(key, 1))
   images = decode(x_0) in [-1, 1]  ->  uint8 = clip(127.5 x + 128, 0, 255)
@@ -27,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax import diffusion as dd
 from dit_jax import images as image_lib
+from dit_jax.diffusion import noise as noise_lib
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -50,7 +53,7 @@ def create_sampling_diffusion(config_diffusion, config_sample) -> dd.GaussianDif
 def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode: str,
            sampler: str, clip_denoised: bool, latent_shape: tuple[int, int, int],
            decode_fn: Callable | None, guidance_interval=None, guide_params=None,
-           autoguidance_scale: float = 1.0):
+           autoguidance_scale: float = 1.0, noise_design: str = "iid", groups=None):
   """Pure: images in [-1, 1] (N, H, W, C) for `labels` (N,), from `key`.
 
   guidance_interval: None (guide every step) or (lo, hi): guide where lo <= t < hi on the
@@ -58,9 +61,15 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
   guide_params, autoguidance_scale: with a scale != 1, the parameters of the weaker guide
   model (same architecture, e.g. an earlier EMA snapshot) for `diffusion.autoguidance`;
   classifier-free guidance, if any, wraps the autoguided model.
+  noise_design, groups: `diffusion.noise.apply` ties the batch's draws (x_T and every step's)
+  together within groups of samples, by default the labels (`Sampler` gives padding entries
+  groups of their own); "iid" leaves them independent.
   """
   n = labels.shape[0]
-  noise = jax.random.normal(jax.random.fold_in(key, 0), (n,) + tuple(latent_shape), jnp.float32)
+  groups = labels if groups is None else groups
+  tie = lambda z: noise_lib.apply(z, groups, noise_design)
+  noise = tie(jax.random.normal(jax.random.fold_in(key, 0), (n,) + tuple(latent_shape),
+                                jnp.float32))
 
   def model_fn(x, t, y):
     return model.apply({"params": params}, x, t, y)
@@ -77,10 +86,13 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
                                            mode=guidance_mode, interval=guidance_interval)
   loop_fn = lambda x, t: model_fn(x, t, labels)
   loop_key = jax.random.fold_in(key, 1)
+  noise_fn = None if noise_design == "iid" else tie
   if sampler == "ddim":
-    x0 = dd.ddim_sample_loop(diff, loop_fn, noise, loop_key, clip_denoised=clip_denoised)
+    x0 = dd.ddim_sample_loop(diff, loop_fn, noise, loop_key, clip_denoised=clip_denoised,
+                             noise_fn=noise_fn)
   else:
-    x0 = dd.p_sample_loop(diff, loop_fn, noise, loop_key, clip_denoised=clip_denoised)
+    x0 = dd.p_sample_loop(diff, loop_fn, noise, loop_key, clip_denoised=clip_denoised,
+                          noise_fn=noise_fn)
   return decode_fn(x0) if decode_fn is not None else x0
 
 
@@ -100,13 +112,14 @@ class Sampler:
         decode_fn=decode_fn,
         guidance_interval=dd.guidance.check_interval(config.sample.get("guidance_interval"),
                                                      "config.sample.guidance_interval"),
-        autoguidance_scale=self.autoguidance_scale)
+        autoguidance_scale=self.autoguidance_scale,
+        noise_design=noise_lib.check(config.sample.get("noise", "iid"), "config.sample.noise"))
     # The key is made inside jit from host integers: a key array computed eagerly would live
     # on one local device, which a multi-process jit cannot take. Replicated output so every
     # process can read it; the parameters keep their shardings.
-    def from_seed(params, labels, seed, chunk, guide_params):
+    def from_seed(params, labels, groups, seed, chunk, guide_params):
       return fn(params, labels, jax.random.fold_in(jax.random.key(seed), chunk),
-                guide_params=guide_params)
+                guide_params=guide_params, groups=groups)
     self._fn = jax.jit(from_seed, out_shardings=NamedSharding(mesh, P()))
 
   def __call__(self, params, labels: np.ndarray, seed: int, guide_params=None) -> np.ndarray:
@@ -125,8 +138,10 @@ class Sampler:
     out = []
     for b, start in enumerate(range(0, len(labels), self.batch_size)):
       chunk = labels[start:start + self.batch_size]
-      padded = np.pad(chunk, (0, self.batch_size - len(chunk)))
-      images = self._fn(params, padded, np.uint32(seed), np.uint32(b), guide_params)
+      pad = self.batch_size - len(chunk)
+      padded = np.pad(chunk, (0, pad))
+      groups = np.concatenate([chunk, -1 - np.arange(pad, dtype=np.int32)])  # Padding: alone.
+      images = self._fn(params, padded, groups, np.uint32(seed), np.uint32(b), guide_params)
       out.append(image_lib.to_uint8(np.asarray(images))[:len(chunk)])
     return np.concatenate(out, axis=0)
 

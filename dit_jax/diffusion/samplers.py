@@ -3,8 +3,9 @@
 This module owns the official `p_sample`, `ddim_sample` and their loops. NHWC throughout.
 A loop runs respaced steps t = K-1, ..., 0 (step index k = K-1-t), calling
 model_fn(x_t, model_t) with model_t = timestep_map[t] (original scale, int32, shape (N,)).
-Randomness is explicit: step k uses noise `jax.random.normal(fold_in(key, k))`, or
-`step_noise[k]` when given (to reproduce a reference run). The last step (t = 0) adds no noise.
+Randomness is explicit: step k uses noise `jax.random.normal(fold_in(key, k))`, passed through
+`noise_fn` when given (a noise design, `diffusion.noise`), or `step_noise[k]` when given (to
+reproduce a reference run). The last step (t = 0) adds no noise.
 
   DDPM:  x_{t-1} = mu_theta(x_t, t) + 1[t > 0] exp(0.5 log Sigma_t) z
   DDIM:  eps' = (sqrt(1/abar_t) x_t - x0_hat) / sqrt(1/abar_t - 1)
@@ -64,7 +65,8 @@ def ddim_sample(diff: GaussianDiffusion, model: Union[ModelFn, jnp.ndarray], x_t
   return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
 
-def _loop(step_fn, diff, noise, key, step_noise, progressive, zero_noise_ok=False):
+def _loop(step_fn, diff, noise, key, step_noise, progressive, zero_noise_ok=False,
+          noise_fn=None):
   k_steps = diff.num_timesteps
   n = noise.shape[0]
   if step_noise is not None:
@@ -83,6 +85,7 @@ def _loop(step_fn, diff, noise, key, step_noise, progressive, zero_noise_ok=Fals
       z = jnp.zeros_like(x)
     else:
       z = jax.random.normal(jax.random.fold_in(key, k), x.shape, x.dtype)
+      z = z if noise_fn is None else noise_fn(z)
     out = step_fn(x, t, z)
     ys = (out["sample"], out["pred_xstart"]) if progressive else None
     return out["sample"], ys
@@ -92,24 +95,29 @@ def _loop(step_fn, diff, noise, key, step_noise, progressive, zero_noise_ok=Fals
 
 
 def p_sample_loop(diff: GaussianDiffusion, model_fn: ModelFn, noise, key: Optional[jax.Array],
-                  *, clip_denoised: bool = False, step_noise=None, progressive: bool = False):
+                  *, clip_denoised: bool = False, step_noise=None, progressive: bool = False,
+                  noise_fn: Optional[Callable] = None):
   """Ancestral sampling from x_T = `noise` over all K (respaced) steps.
+
+  noise_fn: None, or a map applied to each step's fresh N(0, I) draw (N, ...) before use.
 
   Returns x_0 (shape of noise), or with progressive=True (samples, pred_xstarts), each
   (K, *noise.shape), entry k after step k (t = K-1-k); samples[-1] is x_0.
   """
   step = lambda x, t, z: p_sample(diff, model_fn, x, t, z, clip_denoised=clip_denoised)
-  return _loop(step, diff, noise, key, step_noise, progressive)
+  return _loop(step, diff, noise, key, step_noise, progressive, noise_fn=noise_fn)
 
 
 def ddim_sample_loop(diff: GaussianDiffusion, model_fn: ModelFn, noise,
                      key: Optional[jax.Array], *, eta: float = 0.0, clip_denoised: bool = False,
-                     step_noise=None, progressive: bool = False):
-  """DDIM sampling from x_T = `noise`; returns as `p_sample_loop`.
+                     step_noise=None, progressive: bool = False,
+                     noise_fn: Optional[Callable] = None):
+  """DDIM sampling from x_T = `noise`; returns as `p_sample_loop` (noise_fn likewise).
 
   eta = 0 is deterministic; then `key` may be None (the noise would be multiplied by 0).
   """
   step = lambda x, t, z: ddim_sample(diff, model_fn, x, t, z, eta=eta,
                                      clip_denoised=clip_denoised)
   zero_ok = isinstance(eta, (int, float)) and eta == 0
-  return _loop(step, diff, noise, key, step_noise, progressive, zero_noise_ok=zero_ok)
+  return _loop(step, diff, noise, key, step_noise, progressive, zero_noise_ok=zero_ok,
+               noise_fn=noise_fn)
