@@ -51,19 +51,20 @@ ask for it (the measurements: docs/digits_experiments.md):
   the 2 devices hung on 2 cores: one thread never arrived, and XLA aborted the run after its
   40 s rendezvous timeout.
 
-Measured on a 2-core AMD EPYC VM (`python -m dit_jax.evaluation.digits`; the ratio is
+Measured on a 2-core Intel Xeon VM (`python -m dit_jax.evaluation.digits`; the ratio is
 FD(samples, held-out) / FD(1000 real training digits, held-out)), 2026-12-04:
 
-  the command above, end to end    3m24s (~140 steps/s; the same VM has run this training at
-                                   48-111 steps/s on other days, up to 9m42s end to end)
+  the command above, end to end    3m24s (~140 steps/s; a 2-core AMD EPYC VM ran this training
+                                   at 48-111 steps/s on earlier days, up to 9m42s end to end)
   accuracy / ratio, sampling seed 0 (the default)      0.990 / 1.107
   sampling seeds 0-4, centered noise (this config)     1.107 / 1.100 / 1.093 / 1.087 / 1.246
                   i.i.d. noise (the official sampler)   1.346 / 1.169 / 1.158 / 1.096 / 1.366
   training seeds 1 / 2 (`--config.seed`), seed 0       centered 1.151 / 1.171, i.i.d. 1.438 / 1.446
 
-A run is bit-reproducible on the same machine and core count. Every measurement behind this
-recipe, and the ~60 variants that did not help (model size, batch, lr, EMA, schedules,
-objectives, augmentation, samplers, guidance, particle guidance), is in
+A run is bit-reproducible on the same machine and core count; another CPU rounds differently
+and trains another draw of the recipe (the training seeds above show the spread). Every
+measurement behind this recipe, and the ~60 variants that did not help (model size, batch,
+lr, EMA, schedules, objectives, augmentation, samplers, guidance, particle guidance), is in
 docs/digits_experiments.md.
 """
 import ml_collections as mc

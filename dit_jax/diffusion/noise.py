@@ -34,6 +34,7 @@ NOISE_DESIGNS = ("iid", "antithetic", "centered")
 
 
 def check(design: str, field: str = "noise") -> str:
+  """`design` if it is one of NOISE_DESIGNS, else a ValueError naming `field` and the value."""
   if design not in NOISE_DESIGNS:
     raise ValueError(f"{field}={design!r}; expected one of {NOISE_DESIGNS}")
   return design
