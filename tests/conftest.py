@@ -19,6 +19,8 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"dit_jax_test_cache_{os.getuid()}"))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -36,6 +38,16 @@ def load_config(name="testing", **overrides):
     section, field = path.split("__")
     config[section][field] = value
   return config
+
+
+def perturbed_params(model, seed: int, image_shape=(8, 8, 1)):
+  """The model's init(seed) parameters plus 0.05 N(0, 1) noise (key seed + 1) on every leaf:
+  adaLN-Zero starts with a zero output layer, so unperturbed models all output zeros."""
+  label = jnp.zeros((1,), jnp.int32)
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + tuple(image_shape)), label,
+                      label)["params"]
+  return jax.tree.map(
+      lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(seed + 1), a.shape), params)
 
 
 @pytest.fixture(scope="session")

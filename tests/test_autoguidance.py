@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, perturbed_params
 from dit_jax import checkpointing
 from dit_jax import diffusion as dd
 from dit_jax import sampling
@@ -42,13 +42,7 @@ def test_autoguidance_extrapolates_eps_and_keeps_the_models_variance():
 
 def _model_and_two_param_sets(config):
   model = train.build_model(config.model)
-  x = jnp.zeros((1, 8, 8, 1))
-  init = lambda seed: model.init(jax.random.PRNGKey(seed), x, jnp.zeros((1,), jnp.int32),
-                                 jnp.zeros((1,), jnp.int32))["params"]
-  # adaLN-Zero starts with a zero output layer: perturb every leaf so the outputs differ.
-  perturb = lambda p, seed: jax.tree.map(
-      lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(seed), a.shape), p)
-  return model, perturb(init(0), 1), perturb(init(2), 3)
+  return model, perturbed_params(model, 0), perturbed_params(model, 2)
 
 
 def test_one_step_autoguided_sample_is_the_extrapolation_of_the_two_models():

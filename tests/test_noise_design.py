@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, perturbed_params
 from dit_jax import diffusion as dd
+from dit_jax import images
 from dit_jax import sampling
 from dit_jax import sharding
 from dit_jax import train
@@ -86,19 +87,16 @@ def test_sampler_ties_within_labels_and_leaves_padding_alone():
   config = load_config()
   config.sample.num_sampling_steps = 3
   model = train.build_model(config.model)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32),
-                      jnp.zeros((1,), jnp.int32))["params"]
-  params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape),
-                        params)
+  params = perturbed_params(model, 0)
   mesh = sharding.make_mesh(config.mesh)
   labels = np.array([0, 0, 5], np.int32)  # padded to 4 with label 0
   diff = sampling.create_sampling_diffusion(config.diffusion, config.sample)
   direct = lambda groups, design: np.asarray(sampling.sample(
       params, jnp.array([0, 0, 5, 0]), jax.random.fold_in(jax.random.key(7), 0), model=model,
       diff=diff, cfg_scale=config.sample.cfg_scale, guidance_mode=config.sample.guidance_mode,
-      sampler="ddpm", clip_denoised=False,
-      latent_shape=(8, 8, 1), decode_fn=None, noise_design=design, groups=groups))[:3]
-  to_uint8 = lambda x: sampling.image_lib.to_uint8(x)
+      sampler="ddpm", clip_denoised=False, latent_shape=(8, 8, 1), decode_fn=None,
+      noise_design=design, groups=groups))[:3]
+  to_uint8 = images.to_uint8
   config.sample.noise = "centered"
   got = sampling.Sampler(model, config, mesh, (8, 8, 1), batch_size=4)(params, labels, 7)
   np.testing.assert_array_equal(got, to_uint8(direct(jnp.array([0, 0, 5, -1]), "centered")))
