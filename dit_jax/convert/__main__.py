@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dit_jax.errors import UserError
+
 VAE_DOWNSAMPLE = 8
 
 
@@ -58,8 +60,6 @@ _OVERRIDES = ("num_classes", "learn_sigma", "patch_size", "in_channels", "hidden
 _REQUIRED_WITHOUT_VARIANT = ("patch_size", "hidden_size", "depth", "num_heads")
 
 
-class UserError(Exception):
-  """A problem with the command line or the files; printed without a traceback."""
 
 
 def model_kwargs_from_args(args: argparse.Namespace) -> dict:
