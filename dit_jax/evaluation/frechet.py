@@ -6,6 +6,8 @@ The same formula as FID (Heusel et al. 2017) and ADM's evaluator; the matrix squ
 taken by scipy.linalg.sqrtm in float64, with the small imaginary part that numerical error
 leaves dropped (and rejected when it is not small).
 """
+import warnings
+
 import numpy as np
 import scipy.linalg
 
@@ -29,6 +31,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     # Singular product: regularise as ADM's evaluator does.
+    warnings.warn(f"Fréchet distance: singular product; adding {eps} to the diagonal of both "
+                  "covariances")
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
