@@ -177,3 +177,20 @@ def autoguidance_step(config_sample, total_steps: int, save_every_steps: int) ->
 def grid_labels(classes, per_class: int) -> np.ndarray:
   """Labels of a grid: each class repeated `per_class` times (one row per class)."""
   return np.repeat(np.asarray(classes, np.int32), per_class)
+
+
+def file_meta(config, *, checkpoint: str, step: int | None, num_samples: int, **extra) -> dict:
+  """The `sample_files` record of samples drawn with `config.sample` (training's final ones)."""
+  s = config.sample
+  meta = {
+      "checkpoint": checkpoint, "step": step, "variant": config.model.get("variant"),
+      "image_size": config.data.get("image_size"), "sampler": s.sampler,
+      "num_sampling_steps": int(s.num_sampling_steps), "cfg_scale": float(s.cfg_scale),
+      "guidance_mode": s.guidance_mode, "noise": s.get("noise", "iid"), "seed": int(s.seed),
+      "num_samples": int(num_samples), "clip_denoised": bool(s.clip_denoised),
+      "guidance_interval": s.get("guidance_interval"),
+      "autoguidance_scale": autoguidance_scale(s),
+      "autoguidance_step": s.get("autoguidance_step"),
+  }
+  meta.update(extra)
+  return meta

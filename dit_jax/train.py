@@ -16,13 +16,13 @@ One step (official DiT train.py, with per-step randomness from fold_in(seed, ste
 jits the step once (in/out shardings, the state donated), and loops: metrics reach the host only
 on logging and checkpoint steps; a grid of EMA samples every `logging.sample_every_steps`; a
 final checkpoint, and for configs with `sample.final_num_samples_per_class > 0`,
-`<workdir>/samples.npz` (uint8 N x H x W x C in arr_0, labels in arr_1) and
+`<workdir>/samples.npz` (`sample_files`: uint8 N x H x W x C in arr_0, labels in arr_1, how
+they were drawn in dit_jax_meta) and
 `<workdir>/samples_grid.png`. Files and metrics are written by process 0 only.
 """
 from __future__ import annotations
 
 import functools
-import io
 import time
 from typing import Any, Callable
 
@@ -38,6 +38,7 @@ from dit_jax import diffusion as dd
 from dit_jax import images as image_lib
 from dit_jax import input_pipeline
 from dit_jax import metrics as metrics_lib
+from dit_jax import sample_files
 from dit_jax import sampling
 from dit_jax import sharding
 from dit_jax import train_state as ts
@@ -229,12 +230,6 @@ def _restore_guide(manager, guide_step: int, abstract_state, state_shardings):
   return guide_state.ema_params
 
 
-def _save_npz(path, **arrays) -> None:
-  buf = io.BytesIO()
-  np.savez(buf, *arrays.values())
-  epath.Path(path).write_bytes(buf.getvalue())
-
-
 def _grid_ncols(num_classes_shown: int, per_class: int) -> int:
   return per_class if per_class > 1 else num_classes_shown
 
@@ -378,7 +373,8 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
     images = get_sampler(batch_size, autoguided=True)(state.ema_params, labels,
                                                       int(config.sample.seed), guide_params)
     if is_main:
-      _save_npz(workdir / "samples.npz", arr_0=images, arr_1=labels)
+      sample_files.save(workdir / "samples.npz", images, labels, sampling.file_meta(
+          config, checkpoint=str(workdir), step=step, num_samples=len(labels)))
       shown = min(n_final, 10)
       idx = (np.arange(model.num_classes)[:, None] * n_final + np.arange(shown)).ravel()
       grid = image_lib.make_grid(images[idx], shown, scale=int(config.logging.grid_scale))

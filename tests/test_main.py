@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dit_jax import main
+from dit_jax import sample_files
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,8 @@ def test_main_smoke_run_writes_events_grid_samples_and_checkpoints(tmp_path):
     images, labels = z["arr_0"], z["arr_1"]
   assert images.shape == (20, 8, 8, 1) and images.dtype == np.uint8
   np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 2))
+  meta = sample_files.read_meta(workdir / "samples.npz")
+  assert (meta["step"], meta["num_samples"], meta["guidance_interval"]) == (4, 20, [0, 600])
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
   from tensorboardX.proto import event_pb2  # Read the event file back without TensorFlow.
