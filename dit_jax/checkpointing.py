@@ -45,6 +45,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from dit_jax import errors
+
 PyTree = Any
 
 STATE = "state"
@@ -93,11 +95,11 @@ def create_manager(workdir: str, config_checkpoint,
   use_async = bool(_field(config_checkpoint, "async",
                           _field(config_checkpoint, "async_save", True)))
   if save_every <= 0:
-    raise ValueError(f"config.checkpoint.save_every_steps must be > 0, got {save_every}.")
+    raise errors.UserError(f"config.checkpoint.save_every_steps must be > 0, got {save_every}.")
   if max_to_keep <= 0:
-    raise ValueError(f"config.checkpoint.max_to_keep must be > 0, got {max_to_keep}.")
+    raise errors.UserError(f"config.checkpoint.max_to_keep must be > 0, got {max_to_keep}.")
   if keep_every < 0 or keep_every % save_every:
-    raise ValueError(
+    raise errors.UserError(
         f"config.checkpoint.keep_every_steps={keep_every} must be 0 (no milestones) or a "
         f"multiple of config.checkpoint.save_every_steps={save_every}: milestones are kept "
         "saved steps.")
@@ -293,10 +295,10 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: PyTree,
   if "config" in meta and config is not None:
     diffs = config_mismatches(meta["config"], config)
     if diffs:
-      raise ValueError(
+      raise errors.UserError(
           f"The checkpoint at {manager.directory / str(step)} was written with a different "
-          f"model/diffusion config; differing fields:\n  " + "\n  ".join(diffs) +
-          "\nUse a new --workdir, or resume with the checkpoint's values.")
+          f"model/diffusion config; differing fields: " + "; ".join(diffs) +
+          ". Use a new --workdir, or resume with the checkpoint's values.")
   state, meta = restore(manager, step, abstract_state, state_shardings)
   if int(meta.get("step", step)) != step:
     raise ValueError(f"Checkpoint {step}: meta['step']={meta['step']} differs from its step.")

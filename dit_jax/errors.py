@@ -18,8 +18,12 @@ from typing import Callable, Sequence
 EXIT_USER_ERROR = 2
 
 
-class UserError(Exception):
-  """A problem with the command line, the config or the files: printed as one line."""
+class UserError(ValueError):
+  """A problem with the command line, the config or the files: printed as one line.
+
+  A ValueError, so that callers and tests written against the library's earlier ValueErrors
+  for bad config values keep working.
+  """
 
 
 def one_line(message: str) -> str:

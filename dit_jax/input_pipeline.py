@@ -30,6 +30,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
+from dit_jax import errors
 from dit_jax.data import transforms
 
 _PERM_TAG = 0
@@ -81,20 +82,20 @@ def create_source(config_data, split: str | None = None) -> Source:
   if name == "digits":
     from dit_jax.data import digits  # pylint: disable=g-import-not-at-top
     if image_size is not None and image_size != digits.IMAGE_SHAPE[0]:
-      raise ValueError(f"config.data.image_size must be {digits.IMAGE_SHAPE[0]} for digits "
+      raise errors.UserError(f"config.data.image_size must be {digits.IMAGE_SHAPE[0]} for digits "
                        f"(8x8 images), got {image_size!r}")
     source = digits.DigitsSource(split)
   elif name == "image_folder":
     import os  # pylint: disable=g-import-not-at-top
     from dit_jax.data import image_folder  # pylint: disable=g-import-not-at-top
     if not data_dir:
-      raise ValueError(f"config.data.data_dir is required for image_folder, got {data_dir!r}")
+      raise errors.UserError(f"config.data.data_dir is required for image_folder, got {data_dir!r}")
     if image_size is None:
-      raise ValueError("config.data.image_size is required for image_folder")
+      raise errors.UserError("config.data.image_size is required for image_folder")
     root = os.path.join(data_dir, split)
     if not os.path.isdir(root):
       if split != "train":
-        raise FileNotFoundError(
+        raise errors.UserError(
             f"image_folder split {split!r}: {root!r} is not a directory (only split "
             f"'train' may read config.data.data_dir={data_dir!r} itself)")
       root = data_dir
@@ -102,16 +103,16 @@ def create_source(config_data, split: str | None = None) -> Source:
   elif name == "imagenet2012":
     from dit_jax.data import imagenet  # pylint: disable=g-import-not-at-top
     if image_size is None:
-      raise ValueError("config.data.image_size is required for imagenet2012")
+      raise errors.UserError("config.data.image_size is required for imagenet2012")
     source = imagenet.TfdsImageSource(
         split="validation" if split == "heldout" else split, image_size=image_size, data_dir=data_dir or None,
         manual_dir=_get(config_data, "manual_dir") or None,
         prepare=bool(_get(config_data, "prepare", True)))
   else:
-    raise ValueError(f"config.data.name must be one of {SOURCE_NAMES}, got {name!r}")
+    raise errors.UserError(f"config.data.name must be one of {SOURCE_NAMES}, got {name!r}")
   num_classes = _get(config_data, "num_classes")
   if num_classes is not None and num_classes != source.num_classes:
-    raise ValueError(f"config.data.num_classes={num_classes!r} but the {name} data has "
+    raise errors.UserError(f"config.data.num_classes={num_classes!r} but the {name} data has "
                      f"{source.num_classes} classes")
   return source
 
@@ -165,17 +166,17 @@ class BatchIterator:
                process_count: int, seed: int, start_step: int = 0, shuffle: bool = True,
                random_flip: bool = True, num_workers: int = 8, prefetch: int = 2):
     if global_batch_size <= 0:
-      raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+      raise errors.UserError(f"global_batch_size must be positive, got {global_batch_size}")
     if process_count <= 0 or not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} must be in [0, process_count="
                        f"{process_count})")
     if global_batch_size % process_count:
-      raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+      raise errors.UserError(f"global_batch_size={global_batch_size} is not divisible by "
                        f"process_count={process_count}")
     if seed < 0 or start_step < 0:
       raise ValueError(f"seed={seed} and start_step={start_step} must be >= 0")
     if len(source) == 0:
-      raise ValueError("the data source is empty")
+      raise errors.UserError("the data source is empty")
     self.source = source
     self.global_batch_size = int(global_batch_size)
     self.local_batch_size = self.global_batch_size // process_count

@@ -22,10 +22,15 @@ must call `jax.distributed.initialize()` before anything touches the devices. Th
                         Cloud TPU slice, JAX_COORDINATOR_ADDRESS): what launch/ relies on.
 
 `--distributed=on` forces initialisation with whatever is given or detected.
+
+User errors (a typo in an override, a config file that does not exist, a bad field value, a
+workdir that is a file) print one line and exit with code 2; `--debug` shows the traceback.
 """
 from __future__ import annotations
 
 import os
+import re
+import sys
 
 import logging as std_logging
 
@@ -35,8 +40,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from dit_jax import errors
 from dit_jax import sharding
 from dit_jax import train
+
+PROG = "python -m dit_jax.main"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/*.py[:arg]).", lock_config=True)
@@ -63,7 +71,7 @@ def distributed_kwargs(mode, coordinator_address, num_processes, process_id):
                                 ("process_id", process_id)) if v is not None}
   if mode == "off":
     if explicit:
-      raise ValueError(f"--distributed=off contradicts the given {sorted(explicit)}.")
+      raise errors.UserError(f"--distributed=off contradicts the given {sorted(explicit)}.")
     return None
   if mode is None and not explicit:
     return {} if detected_cluster(os.environ) else None
@@ -100,9 +108,47 @@ class _NoLibraryInfo(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def main(argv):
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses the flags of `argv` (program name first); a bad flag or config is a UserError."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    raise errors.UserError(str(e)) from e
+  except (AttributeError, KeyError) as e:  # config_flags: an override naming no field.
+    raise errors.UserError(_override_error(argv, e)) from e
+  spec = _config_spec(argv)
+  try:
+    _CONFIG.value.is_locked  # pylint: disable=pointless-statement  (a load error shows here)
+  except (OSError, AttributeError) as e:  # config_flags defers a load failure to here.
+    path = (spec or "").split(":", 1)[0]
+    if path and not os.path.exists(path):
+      raise errors.UserError(f"--config={spec}: no such file {path!r}.") from e
+    raise
+  return rest
+
+
+def _config_spec(argv) -> str | None:
+  for arg in argv:
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def _override_error(argv, e) -> str:
+  """One line naming the override whose field the config does not have."""
+  text = str(e)
+  key = re.search(r"'([A-Za-z_]\w*)", text)
+  key = key.group(1) if key else text
+  names = [a.split("=", 1)[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
+  culprit = next((n for n in names if key in n.split(".")), "an override")
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  return (f"{culprit}: the config has no field {key!r}"
+          + (f"; did you mean {hint.group(1)!r}?" if hint else "."))
+
+
+def _train(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments: {argv[1:]}")
   if not _LIBRARY_INFO_LOGS.value:
     logging.get_absl_handler().addFilter(_NoLibraryInfo())
   sharding.set_num_cpu_devices(_CONFIG.value.mesh)  # Before any backend exists.
@@ -115,6 +161,24 @@ def main(argv):
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def _cli(argv: list[str]) -> int:
+  # config_flags reads the overrides from sys.argv (not from the argv it is given).
+  saved, sys.argv = sys.argv, [PROG, *argv]
+  if "jax_enable_x64" not in flags.FLAGS:  # JAX's own flags, once per process.
+    jax.config.config_with_absl()
+  try:
+    app.run(_train, argv=sys.argv, flags_parser=parse_flags)
+  except SystemExit as e:  # app.run ends with sys.exit(main's value).
+    return 0 if e.code is None else e.code
+  finally:
+    sys.argv = saved
+  return 0
+
+
+def main(argv=None) -> int:
+  """`python -m dit_jax.main`: argv without the program name (default sys.argv[1:])."""
+  return errors.run_cli(PROG, _cli, argv)
+
+
 if __name__ == "__main__":
-  jax.config.config_with_absl()
-  app.run(main)
+  sys.exit(main())

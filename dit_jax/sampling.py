@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax import diffusion as dd
+from dit_jax import errors
 from dit_jax import images as image_lib
 from dit_jax.diffusion import noise as noise_lib
 
@@ -38,7 +39,7 @@ def create_sampling_diffusion(config_diffusion, config_sample) -> dd.GaussianDif
   """The training diffusion respaced to `num_sampling_steps` ("N" for DDPM, "ddimN" for DDIM)."""
   steps = int(config_sample.num_sampling_steps)
   if config_sample.sampler not in SAMPLERS:
-    raise ValueError(f"config.sample.sampler={config_sample.sampler!r}; expected one of "
+    raise errors.UserError(f"config.sample.sampler={config_sample.sampler!r}; expected one of "
                      f"{SAMPLERS}.")
   respacing = f"ddim{steps}" if config_sample.sampler == "ddim" else str(steps)
   return dd.create_diffusion(
@@ -131,7 +132,7 @@ class Sampler:
     if self.autoguidance_scale == 1.0:
       guide_params = None
     elif guide_params is None:
-      raise ValueError(f"config.sample.autoguidance_scale={self.autoguidance_scale} needs the "
+      raise errors.UserError(f"config.sample.autoguidance_scale={self.autoguidance_scale} needs the "
                        "guide's parameters (the EMA parameters of the checkpoint at "
                        "config.sample.autoguidance_step)")
     labels = np.asarray(labels, np.int32)
@@ -151,7 +152,7 @@ def autoguidance_scale(config_sample) -> float:
   scale = config_sample.get("autoguidance_scale")
   scale = 1.0 if scale is None else float(scale)
   if not np.isfinite(scale):
-    raise ValueError(f"config.sample.autoguidance_scale={scale!r} must be a finite number "
+    raise errors.UserError(f"config.sample.autoguidance_scale={scale!r} must be a finite number "
                      "(1 = no autoguidance)")
   return scale
 
@@ -166,7 +167,7 @@ def autoguidance_step(config_sample, total_steps: int, save_every_steps: int) ->
     return None
   step = config_sample.get("autoguidance_step")
   if step is None or not 0 < int(step) < int(total_steps) or int(step) % int(save_every_steps):
-    raise ValueError(
+    raise errors.UserError(
         f"config.sample.autoguidance_step={step!r} must be a saved step before the end of "
         f"training: 0 < step < config.total_steps={total_steps} and a multiple of "
         f"config.checkpoint.save_every_steps={save_every_steps} "

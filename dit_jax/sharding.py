@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dit_jax import errors
+
 PyTree = Any
 
 AXES = ("data", "fsdp")
@@ -52,7 +54,7 @@ def set_num_cpu_devices(config_mesh) -> None:
   if value is None:
     return
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"config.mesh.num_cpu_devices={value!r}: must be a positive integer "
+    raise errors.UserError(f"config.mesh.num_cpu_devices={value!r}: must be a positive integer "
                      "or None (JAX's default).")
   jax.config.update("jax_num_cpu_devices", value)
 
@@ -61,19 +63,19 @@ def mesh_shape(config_mesh, num_devices: int) -> tuple[int, int]:
   """(data, fsdp) sizes from `config.mesh` for `num_devices` devices; one size may be -1."""
   sizes = [int(_get(config_mesh, axis, -1 if axis == "data" else 1)) for axis in AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one of data, fsdp may be -1, got data={sizes[0]}, "
+    raise errors.UserError(f"config.mesh: at most one of data, fsdp may be -1, got data={sizes[0]}, "
                      f"fsdp={sizes[1]}.")
   for axis, size in zip(AXES, sizes):
     if size == 0 or size < -1:
-      raise ValueError(f"config.mesh.{axis}={size}: must be a positive size or -1 (the rest).")
+      raise errors.UserError(f"config.mesh.{axis}={size}: must be a positive size or -1 (the rest).")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh: {num_devices} devices are not divisible by "
+      raise errors.UserError(f"config.mesh: {num_devices} devices are not divisible by "
                        f"{' x '.join(f'{a}={s}' for a, s in zip(AXES, sizes) if s != -1)}.")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"config.mesh: data={sizes[0]} x fsdp={sizes[1]} = {np.prod(sizes)} "
+    raise errors.UserError(f"config.mesh: data={sizes[0]} x fsdp={sizes[1]} = {np.prod(sizes)} "
                      f"devices, but {num_devices} devices are available (use -1 for the rest).")
   return sizes[0], sizes[1]
 
@@ -91,15 +93,17 @@ def num_data_shards(mesh: Mesh) -> int:
 
 
 def check_global_batch(global_batch_size: int, mesh: Mesh, process_count: int = 1) -> None:
-  """Raises ValueError unless the global batch splits evenly over the devices and processes."""
+  """Raises UserError unless the global batch splits evenly over the devices and processes."""
   shards = num_data_shards(mesh)
-  if global_batch_size <= 0 or global_batch_size % shards:
-    raise ValueError(
+  if global_batch_size <= 0:
+    raise errors.UserError(f"config.global_batch_size={global_batch_size} must be > 0.")
+  if global_batch_size % shards:
+    raise errors.UserError(
         f"config.global_batch_size={global_batch_size} is not divisible by the number of "
         f"data-parallel shards {shards} (mesh data={mesh.shape['data']} x "
         f"fsdp={mesh.shape['fsdp']}).")
   if global_batch_size % process_count:
-    raise ValueError(f"config.global_batch_size={global_batch_size} is not divisible by the "
+    raise errors.UserError(f"config.global_batch_size={global_batch_size} is not divisible by the "
                      f"number of processes {process_count}.")
 
 
@@ -121,7 +125,7 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
 def state_shardings(abstract_state: PyTree, mesh: Mesh, strategy: str = "fsdp") -> PyTree:
   """NamedShardings for every leaf of `abstract_state` (arrays or ShapeDtypeStructs)."""
   if strategy not in STRATEGIES:
-    raise ValueError(f"config.mesh.strategy={strategy!r}; expected one of {STRATEGIES}.")
+    raise errors.UserError(f"config.mesh.strategy={strategy!r}; expected one of {STRATEGIES}.")
   fsdp_size = mesh.shape["fsdp"] if strategy == "fsdp" else 1
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)),
                       abstract_state)

@@ -35,6 +35,7 @@ import optax
 
 from dit_jax import checkpointing
 from dit_jax import diffusion as dd
+from dit_jax import errors
 from dit_jax import images as image_lib
 from dit_jax import input_pipeline
 from dit_jax import metrics as metrics_lib
@@ -61,7 +62,7 @@ def build_model(config_model) -> DiT:
       kwargs[field] = value
   missing = [f for f in ARCH_FIELDS if f not in kwargs]
   if missing:
-    raise ValueError(f"config.model.variant={config_model.variant!r} leaves {missing} unset; "
+    raise errors.UserError(f"config.model.variant={config_model.variant!r} leaves {missing} unset; "
                      f"name a variant (one of {variants.NAMES}) or set these fields.")
   attention_impl = config_model.attention_impl
   kwargs.update(
@@ -100,10 +101,10 @@ def latent_codec(config_latent, encode_fn: EncodeFn | None = None,
   """
   name = config_latent.encoder
   if name not in LATENT_ENCODERS:
-    raise ValueError(f"config.latent.encoder={name!r}; expected one of {LATENT_ENCODERS}.")
+    raise errors.UserError(f"config.latent.encoder={name!r}; expected one of {LATENT_ENCODERS}.")
   if name == "none":
     if encode_fn is not None or decode_fn is not None:
-      raise ValueError("config.latent.encoder='none' (pixel space) but an encode_fn/decode_fn "
+      raise errors.UserError("config.latent.encoder='none' (pixel space) but an encode_fn/decode_fn "
                        "was given.")
     return None, None
   if encode_fn is None or decode_fn is None:
@@ -125,7 +126,7 @@ def model_input_shape(config, image_shape, encode_fn: EncodeFn | None) -> tuple[
     shape = tuple(int(s) for s in out.shape[1:])
   expected = (int(config.model.input_size),) * 2 + (int(config.model.in_channels),)
   if shape != expected:
-    raise ValueError(
+    raise errors.UserError(
         f"The model input is {shape} (data images {tuple(image_shape)}, "
         f"config.latent.encoder={config.latent.encoder!r}) but config.model.input_size="
         f"{expected[0]}, config.model.in_channels={expected[2]} expect {expected}.")
@@ -221,7 +222,7 @@ def _check_finite(step: int, host_metrics: dict, workdir, manager) -> None:
 def _restore_guide(manager, guide_step: int, abstract_state, state_shardings):
   """The EMA parameters of checkpoint `guide_step` (the autoguidance guide), sharded."""
   if guide_step not in manager.all_steps():
-    raise FileNotFoundError(
+    raise errors.UserError(
         f"config.sample.autoguidance_step={guide_step}: no such checkpoint in "
         f"{manager.directory} (saved steps: {sorted(manager.all_steps())}). It is kept when the "
         "run trains through that step with autoguidance on; set config.sample.autoguidance_scale"
@@ -239,17 +240,21 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   """Trains (resuming from `<workdir>/checkpoints` if present) and writes logs and samples."""
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
   global_batch_size = int(config.global_batch_size)
   total_steps = int(config.total_steps)
 
-  # Fail on configuration errors before any expensive work.
+  # Fail on configuration errors before any expensive work (and before creating the workdir).
   encode_fn, decode_fn = latent_codec(config.latent, encode_fn, decode_fn)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_global_batch(global_batch_size, mesh, jax.process_count())
+  if total_steps < 0:
+    raise errors.UserError(f"config.total_steps={total_steps} must be >= 0.")
   guide_step = sampling.autoguidance_step(config.sample, total_steps,
                                           int(config.checkpoint.save_every_steps))
+  if workdir.exists() and not workdir.is_dir():
+    raise errors.UserError(f"--workdir={workdir} is a file, not a directory.")
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
   logging.info("Mesh %s on %d processes (%s).", dict(mesh.shape), jax.process_count(),
                mesh.devices.flat[0].device_kind)
 
@@ -269,7 +274,7 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
                ts.param_count(abstract_state.params))
   start_step = int(meta.get("data_position", 0)) // global_batch_size
   if start_step != step:
-    raise ValueError(f"Checkpoint meta data_position={meta.get('data_position')} is not step "
+    raise errors.UserError(f"Checkpoint meta data_position={meta.get('data_position')} is not step "
                      f"{step} x config.global_batch_size={global_batch_size}; was the global "
                      "batch size changed? Resume with the original value.")
 

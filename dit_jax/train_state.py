@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dit_jax import errors
 from dit_jax import sharding
 
 PyTree = Any
@@ -54,11 +55,11 @@ def learning_rate_schedule(config_optimizer) -> optax.Schedule:
   warmup = int(config_optimizer.warmup_steps)
   decay = int(config_optimizer.get("cosine_decay_steps", 0) or 0)
   if lr <= 0:
-    raise ValueError(f"config.optimizer.learning_rate must be > 0, got {lr}.")
+    raise errors.UserError(f"config.optimizer.learning_rate must be > 0, got {lr}.")
   if warmup < 0:
-    raise ValueError(f"config.optimizer.warmup_steps must be >= 0, got {warmup}.")
+    raise errors.UserError(f"config.optimizer.warmup_steps must be >= 0, got {warmup}.")
   if decay < 0 or (decay and decay <= warmup):
-    raise ValueError(f"config.optimizer.cosine_decay_steps must be 0 (off) or > warmup_steps="
+    raise errors.UserError(f"config.optimizer.cosine_decay_steps must be 0 (off) or > warmup_steps="
                      f"{warmup}, got {decay}.")
   if warmup == 0 and decay == 0:
     return optax.constant_schedule(lr)
@@ -81,7 +82,7 @@ def create_optimizer(config_optimizer) -> tuple[optax.GradientTransformation, op
                    weight_decay=float(config_optimizer.weight_decay))
   clip = float(config_optimizer.grad_clip_norm)
   if clip < 0:
-    raise ValueError(f"config.optimizer.grad_clip_norm must be >= 0 (0 = off), got {clip}.")
+    raise errors.UserError(f"config.optimizer.grad_clip_norm must be >= 0 (0 = off), got {clip}.")
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
   return tx, schedule

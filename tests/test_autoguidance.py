@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, perturbed_params
+from dit_jax.errors import UserError
 from dit_jax import checkpointing
 from dit_jax import diffusion as dd
 from dit_jax import sampling
@@ -135,6 +136,6 @@ def test_training_keeps_the_guide_checkpoint_and_samples_with_it(tmp_path):
   # A guide step that was not kept is a clear error (here: resuming with another step).
   config.sample.autoguidance_scale = 1.5
   config.sample.autoguidance_step = 4
-  with pytest.raises(FileNotFoundError, match=r"config\.sample\.autoguidance_step=4: no such "
+  with pytest.raises(UserError, match=r"config\.sample\.autoguidance_step=4: no such "
                                               r"checkpoint.*\[2, 6\]"):
     train.train_and_evaluate(config, str(tmp_path))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dit_jax.errors import UserError
 from dit_jax import input_pipeline as ip
 from dit_jax.data import digits
 from dit_jax.data import imagenet
@@ -146,7 +147,7 @@ def test_image_folder_source(folder):
 def test_image_folder_errors(tmp_path, folder):
   root, _ = folder
   cfg = lambda d: _config(name="image_folder", data_dir=str(d), image_size=8)  # noqa: E731
-  with pytest.raises(FileNotFoundError, match="missing"):
+  with pytest.raises(UserError, match="missing"):
     ip.create_source(cfg(tmp_path / "missing"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="no class sub-folders"):
@@ -155,7 +156,7 @@ def test_image_folder_errors(tmp_path, folder):
   (root / "yak" / "readme.md").write_text("x")
   with pytest.raises(ValueError, match="'yak'.*no image files"):
     ip.create_source(cfg(root))
-  with pytest.raises(FileNotFoundError, match="split 'validation'"):
+  with pytest.raises(UserError, match="split 'validation'"):
     ip.create_source(cfg(tmp_path / "empty"), "validation")
   with pytest.raises(ValueError, match="data_dir"):
     ip.create_source(_config(name="image_folder", image_size=8))
@@ -255,6 +256,6 @@ def test_tfds_unprepared_without_tensorflow(tmp_path):
     ip.create_source(cfg, "train")
   with pytest.raises(ImportError, match="TensorFlow"):
     imagenet.prepare_tfds_dataset("imagenet2012", data_dir=str(tmp_path), manual_dir="m")
-  with pytest.raises(FileNotFoundError, match="not prepared"):
+  with pytest.raises(UserError, match="not prepared"):
     ip.create_source(_config(name="imagenet2012", data_dir=str(tmp_path), image_size=8,
                              prepare=False), "train")

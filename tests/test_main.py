@@ -9,6 +9,7 @@ import pytest
 
 from dit_jax import main
 from dit_jax import sample_files
+from dit_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -58,12 +59,33 @@ def test_main_smoke_run_writes_events_grid_samples_and_checkpoints(tmp_path):
           "train/steps_per_sec", "train/images_per_sec", "samples/ema_grid"} <= tags
 
 
-def test_main_rejects_override_typo(tmp_path):
-  proc = run_main("--config=configs/testing.py", f"--workdir={tmp_path}",
-                  "--config.optimizer.learning_rat=0.1", timeout=120)
-  assert proc.returncode != 0
-  assert "learning_rat" in proc.stderr
-  assert not (tmp_path / "checkpoints").exists()
+@pytest.mark.parametrize("case,args,message", [
+    ("typo", ["--config=configs/testing.py", "--config.optimizer.learning_rat=0.1"],
+     "--config.optimizer.learning_rat: the config has no field 'learning_rat'; did you mean "
+     "'learning_rate'?"),
+    ("no config file", ["--config=configs/nope.py"],
+     "--config=configs/nope.py: no such file 'configs/nope.py'."),
+    ("negative batch", ["--config=configs/testing.py", "--config.global_batch_size=-1"],
+     "config.global_batch_size=-1 must be > 0."),
+])
+def test_main_user_errors_are_one_line_and_exit_2(tmp_path, capsys, case, args, message):
+  workdir = tmp_path / "run"
+  # In-process (a subprocess per case costs a JAX import); the --debug test runs the real CLI.
+  assert main.main([*args, f"--workdir={workdir}"]) == 2, case
+  err = capsys.readouterr().err
+  assert err.strip().splitlines()[-1] == f"python -m dit_jax.main: error: {message}"
+  assert "Traceback" not in err
+  assert not workdir.exists()  # Checked before the workdir is created.
+
+
+def test_main_workdir_that_is_a_file_and_debug_shows_the_traceback(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  proc = run_main("--config=configs/testing.py", f"--workdir={afile}", "--debug", timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"python -m dit_jax.main: error: --workdir={afile} is a file, not a directory.")
+  assert "Traceback" in proc.stderr  # --debug
 
 
 def test_distributed_flags():
@@ -72,7 +94,7 @@ def test_distributed_flags():
   assert main.distributed_kwargs("auto", None, None, None) == {}
   assert main.distributed_kwargs(None, "127.0.0.1:1234", 2, 1) == {
       "coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}
-  with pytest.raises(ValueError, match="contradicts"):
+  with pytest.raises(UserError, match="contradicts"):
     main.distributed_kwargs("off", "127.0.0.1:1234", None, None)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dit_jax.errors import UserError
+from dit_jax.errors import UserError, run_cli
 
 VAE_DOWNSAMPLE = 8
 
@@ -144,7 +144,7 @@ def make_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
   parser = make_parser()
   args = parser.parse_args(argv)
   if args.command == "import" and not args.dst.endswith(".msgpack"):
@@ -153,10 +153,13 @@ def main(argv=None) -> int:
     parser.error(f"export reads flax msgpack: the input must end in .msgpack, got {args.src}")
   try:
     args.fn(args)
-  except (UserError, ValueError, FileNotFoundError, ImportError) as e:
-    print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  except ImportError as e:  # An optional dependency (torch, safetensors) is not installed.
+    raise UserError(f"{args.command}: {e}") from e
   return 0
+
+
+def main(argv=None) -> int:
+  return run_cli("python -m dit_jax.convert", _main, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ checkpoint (`{"model": sd, "ema": sd, "opt": ..., "args": ...}` as the official 
 writes it); `which` picks the entry ("ema" by default: the released weights are EMA weights).
 In `.npz` / `.safetensors` files the same grouping is written with key prefixes
 (`ema/x_embedder.proj.weight`). The chosen state_dict must map strings to tensors and nothing
-else; anything else is refused with a ValueError that names the file and the offending key.
+else; anything else is refused with a UserError (a ValueError) that names the file and the offending key.
 
 Flax parameter files (`save_params` / `load_params`): `flax.serialization.msgpack_serialize`
 of the nested dict of numpy arrays `params` (no `{"params": ...}` wrapper), the format
@@ -34,6 +34,8 @@ import pathlib
 from typing import Any, Mapping
 
 import numpy as np
+
+from dit_jax.errors import UserError
 
 PathLike = str | os.PathLike
 StateDict = dict[str, np.ndarray]
@@ -63,7 +65,7 @@ def _suffix(path: PathLike) -> str:
 
 def _torch_to_numpy(torch, value, *, path, key) -> np.ndarray:
   if not isinstance(value, torch.Tensor):
-    raise ValueError(
+    raise UserError(
         f"{path}: state_dict entry {key!r} is a {type(value).__module__}.{type(value).__name__}, "
         "not a tensor; only a flat mapping of names to tensors can be imported.")
   value = value.detach().cpu()
@@ -82,13 +84,13 @@ def _load_torch(path: PathLike) -> Any:
   except pickle.UnpicklingError as e:
     lines = [l.strip() for l in str(e).splitlines()]
     detail = [l for l in lines if "GLOBAL" in l or "WeightsUnpickler" in l or "Unsupported" in l]
-    raise ValueError(
+    raise UserError(
         f"{path}: refused to load: the file is not a plain dict of tensors and loading it "
         "would run pickled code (torch.load(weights_only=True) stopped: "
         f"{' '.join(detail) if detail else lines[0]}). Convert it where you trust it, e.g. "
         "to .safetensors.") from None
   except RuntimeError as e:
-    raise ValueError(f"{path}: not a readable PyTorch file: {e}") from None
+    raise UserError(f"{path}: not a readable PyTorch file: {e}") from None
 
 
 def _split_prefixed(flat: Mapping[str, Any], *, path, which: str) -> Mapping[str, Any]:
@@ -99,22 +101,22 @@ def _split_prefixed(flat: Mapping[str, Any], *, path, which: str) -> Mapping[str
   for k, v in flat.items():
     head, sep, rest = k.partition("/")
     if not sep:
-      raise ValueError(f"{path}: mixes prefixed keys ('<group>/<key>') with the plain key {k!r}.")
+      raise UserError(f"{path}: mixes prefixed keys ('<group>/<key>') with the plain key {k!r}.")
     groups.setdefault(head, {})[rest] = v
   if which not in groups:
-    raise ValueError(f"{path}: has no entry {which!r}; available entries: {sorted(groups)} "
+    raise UserError(f"{path}: has no entry {which!r}; available entries: {sorted(groups)} "
                      "(choose one with which=... / --which).")
   return groups[which]
 
 
 def _select_checkpoint_entry(obj: Any, *, path, which: str) -> Mapping[str, Any]:
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state_dict (a dict of tensors) "
+    raise UserError(f"{path}: holds a {type(obj).__name__}, not a state_dict (a dict of tensors) "
                      "or a training checkpoint dict with 'model' / 'ema' entries.")
   nested = {k: v for k, v in obj.items() if isinstance(v, Mapping)}
   if nested:  # A training checkpoint {"model": sd, "ema": sd, "opt": ..., "args": ...}.
     if which not in nested:
-      raise ValueError(f"{path}: training checkpoint has no entry {which!r}; available "
+      raise UserError(f"{path}: training checkpoint has no entry {which!r}; available "
                        f"entries: {sorted(nested)} (choose one with which=... / --which).")
     return nested[which]
   return obj
@@ -128,39 +130,39 @@ def load_state_dict(path: PathLike, *, which: str = "ema") -> StateDict:
     which: the entry of a training checkpoint to read ("ema" or "model"); ignored for a flat
       state_dict.
   Raises:
-    FileNotFoundError, ValueError (unknown suffix, unsafe or non-tensor content, missing entry),
+    UserError (no such file, unknown suffix, unsafe or non-tensor content, missing entry),
     ImportError (a torch file without torch installed).
   """
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file")
+    raise UserError(f"{path}: no such file")
   suffix = _suffix(path)
   if suffix in _TORCH_SUFFIXES:
     torch = _import_torch(f"Reading {path}")
     sd = _select_checkpoint_entry(_load_torch(path), path=path, which=which)
     for k in sd:
       if not isinstance(k, str):
-        raise ValueError(f"{path}: state_dict key {k!r} is not a string.")
+        raise UserError(f"{path}: state_dict key {k!r} is not a string.")
     return {k: _torch_to_numpy(torch, v, path=path, key=k) for k, v in sd.items()}
   if suffix == ".safetensors":
     import safetensors.numpy  # pylint: disable=import-outside-toplevel
     try:
       flat = safetensors.numpy.load_file(os.fspath(path))
     except Exception as e:  # safetensors raises its own error types.
-      raise ValueError(f"{path}: not a readable safetensors file: {e}") from None
+      raise UserError(f"{path}: not a readable safetensors file: {e}") from None
     return dict(_split_prefixed(flat, path=path, which=which))
   if suffix == ".npz":
     try:
       with np.load(path, allow_pickle=False) as z:
         flat = {k: z[k] for k in z.files}
     except ValueError as e:  # Object arrays need pickle; refused.
-      raise ValueError(f"{path}: refused: holds non-numeric (pickled) arrays: {e}") from None
+      raise UserError(f"{path}: refused: holds non-numeric (pickled) arrays: {e}") from None
     sd = dict(_split_prefixed(flat, path=path, which=which))
     for k, v in sd.items():
       if not np.issubdtype(v.dtype, np.number) and v.dtype != np.bool_:
-        raise ValueError(f"{path}: entry {k!r} has dtype {v.dtype}, not a numeric tensor.")
+        raise UserError(f"{path}: entry {k!r} has dtype {v.dtype}, not a numeric tensor.")
     return sd
-  raise ValueError(f"{path}: unknown state_dict file type {suffix!r}; expected one of "
+  raise UserError(f"{path}: unknown state_dict file type {suffix!r}; expected one of "
                    f"{', '.join(_STATE_DICT_SUFFIXES)}.")
 
 
@@ -179,7 +181,7 @@ def save_state_dict(sd: Mapping[str, Any], path: PathLike) -> None:
   elif suffix == ".npz":
     np.savez(path, **arrays)
   else:
-    raise ValueError(f"{path}: unknown state_dict file type {suffix!r}; expected .safetensors, "
+    raise UserError(f"{path}: unknown state_dict file type {suffix!r}; expected .safetensors, "
                      ".pt, .pth or .npz.")
 
 
@@ -218,13 +220,13 @@ def load_params(path: PathLike, *, expected=None) -> dict:
   from flax import serialization  # pylint: disable=import-outside-toplevel
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file")
+    raise UserError(f"{path}: no such file")
   try:
     params = serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several error types.
-    raise ValueError(f"{path}: not a flax msgpack parameter file: {e}") from None
+    raise UserError(f"{path}: not a flax msgpack parameter file: {e}") from None
   if not isinstance(params, dict):
-    raise ValueError(f"{path}: holds a {type(params).__name__}, not a parameter dict.")
+    raise UserError(f"{path}: holds a {type(params).__name__}, not a parameter dict.")
   if set(params) == {"params"} and isinstance(params["params"], dict):
     params = params["params"]
   if expected is not None:
@@ -242,7 +244,7 @@ def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
 
 
 def check_params(params, expected, *, source: str = "params") -> None:
-  """Raises one ValueError listing missing, unexpected and mis-shaped parameter paths."""
+  """Raises one UserError listing missing, unexpected and mis-shaped parameter paths."""
   got, want = _flatten(params), _flatten(expected)
   missing = sorted("/".join(k) for k in want.keys() - got.keys())
   unexpected = sorted("/".join(k) for k in got.keys() - want.keys())
@@ -255,7 +257,7 @@ def check_params(params, expected, *, source: str = "params") -> None:
                         ("mis-shaped", misshaped)):
       if items:
         parts.append(f"  {len(items)} {name}: " + "; ".join(items))
-    raise ValueError("\n".join(parts))
+    raise UserError("\n".join(parts))
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,7 +309,7 @@ def import_official(path: PathLike, model_or_kwargs, *, which: str = "ema") -> d
     model_or_kwargs: a `DiT`, a variant name or a dict of DiT kwargs (see `build_model`).
     which: the entry of a training checkpoint ("ema" or "model").
   Raises:
-    ValueError listing every missing, unexpected and mis-shaped key.
+    UserError listing every missing, unexpected and mis-shaped key.
   """
   from dit_jax.convert import official  # pylint: disable=import-outside-toplevel
   model = build_model(model_or_kwargs)
@@ -320,7 +322,7 @@ def import_official(path: PathLike, model_or_kwargs, *, which: str = "ema") -> d
     # silently into a 256x256 model.
     t = pos_embed.shape[1] if pos_embed.ndim == 3 else None
     side = int(round(t ** 0.5)) * model.patch_size if t else None
-    raise ValueError(
+    raise UserError(
         f"{path}: pos_embed has shape {tuple(pos_embed.shape)}, expected {want} for "
         f"input_size={model.input_size}, patch_size={model.patch_size}"
         + (f"; the checkpoint looks like input_size={side} (image size {side * 8})"
@@ -328,7 +330,7 @@ def import_official(path: PathLike, model_or_kwargs, *, which: str = "ema") -> d
   try:
     params = official.state_dict_to_params(sd, expected=expected)
   except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
+    raise UserError(f"{path}: {e}") from None
   check_params(params, expected, source=str(path))
   return params
 

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from dit_jax import errors
 from dit_jax.data import transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",
@@ -23,15 +24,15 @@ def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
   """Returns (sorted class names, [(path, label), ...]) for `root/<class>/<image>`.
 
   Raises:
-    FileNotFoundError: `root` is not a directory.
-    ValueError: `root` has no class sub-folders, or a class folder has no image files.
+    UserError: `root` is not a directory, has no class sub-folders, or a class folder has no
+      image files.
   """
   root = os.fspath(root)
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"image_folder data_dir {root!r} is not a directory")
+    raise errors.UserError(f"image_folder data_dir {root!r} is not a directory")
   classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
   if not classes:
-    raise ValueError(
+    raise errors.UserError(
         f"image_folder data_dir {root!r} has no class sub-folders; expected "
         "root/<class_name>/<image files>")
   samples = []
@@ -41,7 +42,7 @@ def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
         e.name for e in os.scandir(class_dir)
         if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-      raise ValueError(
+      raise errors.UserError(
           f"image_folder class {name!r} ({class_dir!r}) has no image files with extensions "
           f"{IMAGE_EXTENSIONS}")
     samples.extend((os.path.join(class_dir, f), label) for f in files)
@@ -65,7 +66,7 @@ class ImageFolderSource:
 
   def __post_init__(self):
     if int(self.image_size) != self.image_size or self.image_size <= 0:
-      raise ValueError(f"config.data.image_size must be a positive integer, got "
+      raise errors.UserError(f"config.data.image_size must be a positive integer, got "
                        f"{self.image_size!r}")
     classes, samples = list_image_folder(self.root)
     object.__setattr__(self, "classes", classes)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dit_jax import errors
 from dit_jax.data import transforms
 
 DEFAULT_NAME = "imagenet2012"
@@ -53,7 +54,7 @@ def prepare_tfds_dataset(name: str, *, data_dir: str | None, manual_dir: str | N
     return
   _require_tensorflow(name, data_dir)
   if not manual_dir:
-    raise ValueError(
+    raise errors.UserError(
         f"config.data.manual_dir is required to prepare {name!r} (it must hold the "
         f"manually downloaded archives), got {manual_dir!r}")
   builder.download_and_prepare(
@@ -89,17 +90,17 @@ class TfdsImageSource:
   def __post_init__(self):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if int(self.image_size) != self.image_size or self.image_size <= 0:
-      raise ValueError(f"config.data.image_size must be a positive integer, got "
+      raise errors.UserError(f"config.data.image_size must be a positive integer, got "
                        f"{self.image_size!r}")
     builder = tfds.builder(self.name, data_dir=self.data_dir)
     if not builder.is_prepared():
       if not self.prepare:
-        raise FileNotFoundError(
+        raise errors.UserError(
             f"TFDS dataset {self.name!r} is not prepared in data_dir={self.data_dir!r} "
             "(and config.data.prepare is False)")
       _require_tensorflow(self.name, self.data_dir)
       if not self.manual_dir:
-        raise ValueError(
+        raise errors.UserError(
             f"config.data.manual_dir is required to prepare {self.name!r} (it must hold "
             f"the manually downloaded archives), got {self.manual_dir!r}")
     data_source = tfds.data_source(
@@ -115,7 +116,7 @@ class TfdsImageSource:
     features = data_source.dataset_info.features
     for key in (self.image_key, self.label_key):
       if key not in features:
-        raise ValueError(f"TFDS dataset {self.name!r} has no feature {key!r}; it has "
+        raise errors.UserError(f"TFDS dataset {self.name!r} has no feature {key!r}; it has "
                          f"{sorted(features.keys())}")
     object.__setattr__(self, "data_source", data_source)
     object.__setattr__(self, "num_classes", int(features[self.label_key].num_classes))

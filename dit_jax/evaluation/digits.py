@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import ml_collections
@@ -26,7 +27,11 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier
 
 from dit_jax import input_pipeline
+from dit_jax.errors import UserError, run_cli
 from dit_jax.evaluation import frechet
+
+
+PROG = "python -m dit_jax.evaluation.digits"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,17 +85,19 @@ def hidden_features(clf: MLPClassifier, images_uint8: np.ndarray) -> np.ndarray:
 def evaluate(samples: np.ndarray, sample_labels: np.ndarray, seed: int = 0) -> DigitsReport:
   sample_labels = np.asarray(sample_labels).astype(np.int64)
   if len(samples) != len(sample_labels):
-    raise ValueError(f"{len(samples)} samples but {len(sample_labels)} labels")
+    raise UserError(f"{len(samples)} samples but {len(sample_labels)} labels")
+  _pixels(samples)  # Checks dtype and shape before the classifier trains.
+  train, _ = load_split("train")
+  if len(samples) > len(train):
+    raise UserError(f"{len(samples)} samples but only {len(train)} real training digits for "
+                    "the baseline")
   clf = train_classifier(seed)
   heldout, heldout_labels = load_split("heldout")
-  train, _ = load_split("train")
   pred = clf.predict(_pixels(samples))
   correct = pred == sample_labels
   per_class = [float(correct[sample_labels == c].mean()) if np.any(sample_labels == c)
                else float("nan") for c in range(10)]
   n = len(samples)
-  if n > len(train):
-    raise ValueError(f"{n} samples but only {len(train)} real training digits for the baseline")
   subset = np.random.default_rng(seed).choice(len(train), size=n, replace=False)
   f_heldout = hidden_features(clf, heldout)
   fd_samples = frechet.frechet_distance_of_features(hidden_features(clf, samples), f_heldout)
@@ -106,22 +113,52 @@ def evaluate(samples: np.ndarray, sample_labels: np.ndarray, seed: int = 0) -> D
   )
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_samples(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 (N, 8, 8, 1) images, int labels (N,)) of a samples .npz, checked before any work."""
+  if not os.path.isfile(path):
+    raise UserError(f"--samples {path}: no such file.")
+  try:
+    z = np.load(path, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise UserError(f"--samples {path}: not a .npz file of numeric arrays.") from e
+  with z:
+    if "arr_0" not in z.files or "arr_1" not in z.files:
+      raise UserError(f"--samples {path}: needs arr_0 (images) and arr_1 (labels); has "
+                      f"{z.files}.")
+    try:
+      samples, labels = z["arr_0"], z["arr_1"]
+    except ValueError as e:  # Object arrays need pickle: refused.
+      raise UserError(f"--samples {path}: refused: {e}.") from e
+  if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[1:] != (8, 8, 1):
+    raise UserError(f"--samples {path}: arr_0 must be uint8 digits of shape (N, 8, 8, 1); got "
+                    f"{samples.dtype} {samples.shape}.")
+  if (labels.ndim != 1 or len(labels) != len(samples)
+      or not np.issubdtype(labels.dtype, np.integer)):
+    raise UserError(f"--samples {path}: arr_1 must hold one integer label per image "
+                    f"({len(samples)}); got {labels.dtype} {labels.shape}.")
+  if len(labels) and (labels.min() < 0 or labels.max() > 9):
+    raise UserError(f"--samples {path}: labels must be digits 0..9; got {labels.min()}.."
+                    f"{labels.max()}.")
+  if not len(samples):
+    raise UserError(f"--samples {path}: holds no samples.")
+  return samples, labels
+
+
+def _main(argv) -> int:
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
   parser.add_argument("--samples", required=True, help="samples .npz (uint8 arr_0, labels arr_1)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  with np.load(args.samples) as z:
-    if "arr_0" not in z.files or "arr_1" not in z.files:
-      print(f"error: {args.samples} needs arr_0 (images) and arr_1 (labels); has {z.files}",
-            file=sys.stderr)
-      return 2
-    samples, labels = z["arr_0"], z["arr_1"]
+  samples, labels = load_samples(args.samples)
   report = evaluate(samples, labels, seed=args.seed)
   print(json.dumps(dataclasses.asdict(report), indent=1))
   print(f"accuracy {report.accuracy:.4f} (need >= 0.97); FD samples {report.fd_samples:.3f}, "
         f"FD real {report.fd_real:.3f}, ratio {report.fd_ratio:.3f} (need <= 1.3)")
   return 0
+
+
+def main(argv=None) -> int:
+  return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":
