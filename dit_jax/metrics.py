@@ -104,11 +104,11 @@ class MetricWriter:
 class ProgressBar:
   """tqdm progress bar with ETA on process 0 (and when enabled); otherwise silent."""
 
-  def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+  def __init__(self, total: int, initial: int = 0, enabled: bool = True, unit: str = "step"):
     self._bar = None
     if enabled:
       import tqdm
-      self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+      self._bar = tqdm.tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True,
                             smoothing=0.1)
 
   def update(self, n: int = 1) -> None:

@@ -54,9 +54,15 @@ def create_sampling_diffusion(config_diffusion, config_sample) -> dd.GaussianDif
 def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode: str,
            sampler: str, clip_denoised: bool, latent_shape: tuple[int, int, int],
            decode_fn: Callable | None, guidance_interval=None, guide_params=None,
-           autoguidance_scale: float = 1.0, noise_design: str = "iid", groups=None):
+           autoguidance_scale: float = 1.0, noise_design: str = "iid", groups=None,
+           x_T=None, step_noise=None):
   """Pure: images in [-1, 1] (N, H, W, C) for `labels` (N,), from `key`.
 
+  key: one key (x_T from fold_in(key, 0), the loop's noise from fold_in(key, 1)), or typed
+  keys (N,), one per sample: sample i's x_T from fold_in(key[i], 0) and its step-k noise from
+  fold_in(fold_in(key[i], 1), k), whatever batch it is drawn in (`dit_jax.generate`).
+  x_T, step_noise: the initial noise (N, h, w, c) and every step's (K, N, h, w, c), to
+  reproduce a reference run; they replace the draws from `key`.
   guidance_interval: None (guide every step) or (lo, hi): guide where lo <= t < hi on the
   original timestep scale (`diffusion.classifier_free_guidance`).
   guide_params, autoguidance_scale: with a scale != 1, the parameters of the weaker guide
@@ -69,8 +75,16 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
   n = labels.shape[0]
   groups = labels if groups is None else groups
   tie = lambda z: noise_lib.apply(z, groups, noise_design)
-  noise = tie(jax.random.normal(jax.random.fold_in(key, 0), (n,) + tuple(latent_shape),
-                                jnp.float32))
+  per_sample = (key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                and key.ndim == 1)
+  if x_T is None:
+    if per_sample:
+      x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), tuple(latent_shape),
+                                                 jnp.float32))(key)
+    else:
+      x_T = jax.random.normal(jax.random.fold_in(key, 0), (n,) + tuple(latent_shape),
+                              jnp.float32)
+  noise = tie(x_T)
 
   def model_fn(x, t, y):
     return model.apply({"params": params}, x, t, y)
@@ -86,14 +100,19 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
     model_fn = dd.classifier_free_guidance(model_fn, cfg_scale, null_label=model.num_classes,
                                            mode=guidance_mode, interval=guidance_interval)
   loop_fn = lambda x, t: model_fn(x, t, labels)
-  loop_key = jax.random.fold_in(key, 1)
+  if step_noise is not None:
+    loop_key = None
+  elif per_sample:
+    loop_key = jax.vmap(lambda k: jax.random.fold_in(k, 1))(key)
+  else:
+    loop_key = jax.random.fold_in(key, 1)
   noise_fn = None if noise_design == "iid" else tie
   if sampler == "ddim":
     x0 = dd.ddim_sample_loop(diff, loop_fn, noise, loop_key, clip_denoised=clip_denoised,
-                             noise_fn=noise_fn)
+                             noise_fn=noise_fn, step_noise=step_noise)
   else:
     x0 = dd.p_sample_loop(diff, loop_fn, noise, loop_key, clip_denoised=clip_denoised,
-                          noise_fn=noise_fn)
+                          noise_fn=noise_fn, step_noise=step_noise)
   return decode_fn(x0) if decode_fn is not None else x0
 
 

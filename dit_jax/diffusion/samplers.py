@@ -5,7 +5,9 @@ A loop runs respaced steps t = K-1, ..., 0 (step index k = K-1-t), calling
 model_fn(x_t, model_t) with model_t = timestep_map[t] (original scale, int32, shape (N,)).
 Randomness is explicit: step k uses noise `jax.random.normal(fold_in(key, k))`, passed through
 `noise_fn` when given (a noise design, `diffusion.noise`), or `step_noise[k]` when given (to
-reproduce a reference run). The last step (t = 0) adds no noise.
+reproduce a reference run). `key` may also be one typed key per sample (shape (N,)): sample i's
+step-k noise is then `normal(fold_in(key[i], k))` of one sample's shape, independent of the
+batch it is drawn in. The last step (t = 0) adds no noise.
 
   DDPM:  x_{t-1} = mu_theta(x_t, t) + 1[t > 0] exp(0.5 log Sigma_t) z
   DDIM:  eps' = (sqrt(1/abar_t) x_t - x0_hat) / sqrt(1/abar_t - 1)
@@ -77,6 +79,17 @@ def _loop(step_fn, diff, noise, key, step_noise, progressive, zero_noise_ok=Fals
   elif key is None and not zero_noise_ok:
     raise ValueError("key is required unless step_noise is given (or DDIM with eta=0)")
 
+  per_sample = (key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+                and key.ndim == 1)
+  if per_sample and key.shape[0] != n:
+    raise ValueError(f"{key.shape[0]} per-sample keys for a batch of {n}")
+
+  def draw(k, like):
+    if per_sample:
+      return jax.vmap(lambda kk: jax.random.normal(jax.random.fold_in(kk, k), like.shape[1:],
+                                                   like.dtype))(key)
+    return jax.random.normal(jax.random.fold_in(key, k), like.shape, like.dtype)
+
   def body(x, k):
     t = jnp.full((n,), k_steps - 1 - k, jnp.int32)
     if step_noise is not None:
@@ -84,7 +97,7 @@ def _loop(step_fn, diff, noise, key, step_noise, progressive, zero_noise_ok=Fals
     elif key is None:  # DDIM with eta = 0: the noise is multiplied by sigma = 0.
       z = jnp.zeros_like(x)
     else:
-      z = jax.random.normal(jax.random.fold_in(key, k), x.shape, x.dtype)
+      z = draw(k, x)
       z = z if noise_fn is None else noise_fn(z)
     out = step_fn(x, t, z)
     ys = (out["sample"], out["pred_xstart"]) if progressive else None
@@ -99,6 +112,8 @@ def p_sample_loop(diff: GaussianDiffusion, model_fn: ModelFn, noise, key: Option
                   noise_fn: Optional[Callable] = None):
   """Ancestral sampling from x_T = `noise` over all K (respaced) steps.
 
+  key: one key (step k draws fold_in(key, k)), or typed keys (N,), one per sample; None
+    only with `step_noise`.
   noise_fn: None, or a map applied to each step's fresh N(0, I) draw (N, ...) before use.
 
   Returns x_0 (shape of noise), or with progressive=True (samples, pred_xstarts), each
