@@ -139,12 +139,16 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
                lr_schedule: optax.Schedule | None = None,
                min_snr_gamma: float | None = None,
                timestep_sampling: str = "uniform",
-               timestep_power: float = 0.0) -> tuple[ts.TrainState, dict]:
+               timestep_power: float = 0.0,
+               draws: dict | None = None) -> tuple[ts.TrainState, dict]:
   """One optimizer step on `batch` = {"image": (N,H,W,C) in [-1,1], "label": (N,)}; pure.
 
   min_snr_gamma: None (the official loss) or the Min-SNR-gamma weighting of the mse term.
   timestep_sampling: "uniform" (official, i.i.d.) or "stratified" over the global batch.
   timestep_power: training timestep density ~ (t / T)^power (0: uniform, the official).
+  draws: None (training: t, noise and the label-drop mask come from `rng` as above), or
+    {"t": (N,) int, "noise": like x_0, "drop": (N,) 0/1} used instead of those three draws, so
+    that a test can feed the official computation's draws (tests/test_train_official.py).
   """
   k_t, k_noise, k_drop, k_enc = jax.random.split(jax.random.fold_in(rng, state.step), 4)
   x_start = batch["image"].astype(jnp.float32)
@@ -152,13 +156,17 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
     x_start = encode_fn(x_start, k_enc)
   y = batch["label"]
   n = x_start.shape[0]
-  t = dd.sample_timesteps(k_t, n, diffusion.num_timesteps, timestep_sampling, timestep_power)
-  noise = jax.random.normal(k_noise, x_start.shape, jnp.float32)
+  if draws is None:
+    t = dd.sample_timesteps(k_t, n, diffusion.num_timesteps, timestep_sampling, timestep_power)
+    noise = jax.random.normal(k_noise, x_start.shape, jnp.float32)
+    drop = None
+  else:
+    t, noise, drop = draws["t"], draws["noise"], draws["drop"]
 
   def loss_fn(params):
     def model_fn(x_t, model_t):
       return model.apply({"params": params}, x_t, model_t, y, train=True,
-                         rngs={"label_dropout": k_drop})
+                         force_drop_ids=drop, rngs={"label_dropout": k_drop})
     terms = dd.training_losses(diffusion, model_fn, x_start, t, noise,
                                min_snr_gamma=min_snr_gamma)
     return jnp.mean(terms["loss"]), terms
@@ -181,15 +189,21 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
   return new_state, metrics
 
 
-def jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardings,
-                   encode_fn: EncodeFn | None = None):
-  """`train_step` bound to the run and jitted once with shardings; the state is donated."""
-  step_fn = functools.partial(
+def bind_train_step(config, model, diffusion, tx, lr_schedule,
+                    encode_fn: EncodeFn | None = None):
+  """`train_step` with everything but (state, batch, rng[, draws]) bound from `config`."""
+  return functools.partial(
       train_step, model=model, diffusion=diffusion, tx=tx,
       ema_decay=float(config.ema.decay), encode_fn=encode_fn, lr_schedule=lr_schedule,
       min_snr_gamma=config.diffusion.get("min_snr_gamma"),
       timestep_sampling=config.diffusion.get("timestep_sampling") or "uniform",
       timestep_power=float(config.diffusion.get("timestep_power") or 0.0))
+
+
+def jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardings,
+                   encode_fn: EncodeFn | None = None):
+  """`train_step` bound to the run and jitted once with shardings; the state is donated."""
+  step_fn = bind_train_step(config, model, diffusion, tx, lr_schedule, encode_fn)
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
   return jax.jit(step_fn,
