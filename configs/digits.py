@@ -96,6 +96,8 @@ def get_config(arg=None):
   config.latent.scale_factor = 1.0
   config.latent.channels = 4
   config.latent.downsample = 8
+  config.latent.vae_dir = config_dict.placeholder(str)  # None: pixel space, no VAE.
+  config.latent.dtype = "float32"  # VAE compute dtype (latent configs only).
 
   config.diffusion = mc.ConfigDict()
   config.diffusion.timestep_respacing = ""

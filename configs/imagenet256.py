@@ -63,6 +63,10 @@ def make_config(arg, image_size: int):
   config.latent.scale_factor = 0.18215
   config.latent.channels = 4
   config.latent.downsample = 8
+  # A local diffusers VAE directory (config.json + diffusion_pytorch_model.safetensors or
+  # .bin), e.g. a copy of Hugging Face's stabilityai/sd-vae-ft-ema; set it on the command line.
+  config.latent.vae_dir = config_dict.placeholder(str)
+  config.latent.dtype = "float32"  # VAE compute dtype; "bfloat16" at scale.
 
   config.diffusion = mc.ConfigDict()
   config.diffusion.timestep_respacing = ""  # Train on all T steps.

@@ -207,8 +207,7 @@ class RoundFn:
       drawn = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 2), (), 0,
                                                     num_classes, jnp.int32))(keys)
       labels = jnp.where(labels < 0, drawn, labels)
-      decode_fn = None if decode is None else functools.partial(decode, vae_params)
-      return sample_fn(params, labels, keys, decode_fn=decode_fn), labels
+      return sample_fn(params, labels, keys, decode_fn=decode, vae_params=vae_params), labels
 
     spec = _batch_spec()
     fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), spec, spec),

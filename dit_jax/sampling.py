@@ -55,7 +55,7 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
            sampler: str, clip_denoised: bool, latent_shape: tuple[int, int, int],
            decode_fn: Callable | None, guidance_interval=None, guide_params=None,
            autoguidance_scale: float = 1.0, noise_design: str = "iid", groups=None,
-           x_T=None, step_noise=None):
+           x_T=None, step_noise=None, vae_params=None):
   """Pure: images in [-1, 1] (N, H, W, C) for `labels` (N,), from `key`.
 
   key: one key (x_T from fold_in(key, 0), the loop's noise from fold_in(key, 1)), or typed
@@ -71,6 +71,9 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
   noise_design, groups: `diffusion.noise.apply` ties the batch's draws (x_T and every step's)
   together within groups of samples, by default the labels (`Sampler` gives padding entries
   groups of their own); "iid" leaves them independent.
+  decode_fn, vae_params: `decode_fn(vae_params, latents)` (`latent.LatentCodec.decode`) maps
+  the final latents to images; None in pixel space. The VAE parameters are an argument, never
+  closed over, so jit does not compile them in as constants.
   """
   n = labels.shape[0]
   groups = labels if groups is None else groups
@@ -113,7 +116,7 @@ def sample(params, labels, key, *, model, diff, cfg_scale: float, guidance_mode:
   else:
     x0 = dd.p_sample_loop(diff, loop_fn, noise, loop_key, clip_denoised=clip_denoised,
                           noise_fn=noise_fn, step_noise=step_noise)
-  return decode_fn(x0) if decode_fn is not None else x0
+  return decode_fn(vae_params, x0) if decode_fn is not None else x0
 
 
 class Sampler:
@@ -137,16 +140,18 @@ class Sampler:
     # The key is made inside jit from host integers: a key array computed eagerly would live
     # on one local device, which a multi-process jit cannot take. Replicated output so every
     # process can read it; the parameters keep their shardings.
-    def from_seed(params, labels, groups, seed, chunk, guide_params):
+    def from_seed(params, labels, groups, seed, chunk, guide_params, vae_params):
       return fn(params, labels, jax.random.fold_in(jax.random.key(seed), chunk),
-                guide_params=guide_params, groups=groups)
+                guide_params=guide_params, groups=groups, vae_params=vae_params)
     self._fn = jax.jit(from_seed, out_shardings=NamedSharding(mesh, P()))
 
-  def __call__(self, params, labels: np.ndarray, seed: int, guide_params=None) -> np.ndarray:
+  def __call__(self, params, labels: np.ndarray, seed: int, guide_params=None,
+               vae_params=None) -> np.ndarray:
     """uint8 (N, H, W, C) samples of `labels`; batch b uses fold_in(key(seed), b).
 
     guide_params: the autoguidance guide's parameters; needed iff
     `config.sample.autoguidance_scale` != 1, ignored otherwise.
+    vae_params: the parameters of `decode_fn` (the VAE), an argument of the jitted sampler.
     """
     if self.autoguidance_scale == 1.0:
       guide_params = None
@@ -161,7 +166,8 @@ class Sampler:
       pad = self.batch_size - len(chunk)
       padded = np.pad(chunk, (0, pad))
       groups = np.concatenate([chunk, -1 - np.arange(pad, dtype=np.int32)])  # Padding: alone.
-      images = self._fn(params, padded, groups, np.uint32(seed), np.uint32(b), guide_params)
+      images = self._fn(params, padded, groups, np.uint32(seed), np.uint32(b), guide_params,
+                        vae_params)
       out.append(image_lib.to_uint8(np.asarray(images))[:len(chunk)])
     return np.concatenate(out, axis=0)
 

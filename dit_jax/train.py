@@ -7,13 +7,15 @@ network in `models`, the layout in `sharding`, the state in `train_state`, the o
 One step (official DiT train.py, with per-step randomness from fold_in(seed, step)):
 
   k_t, k_noise, k_drop, k_enc = split(fold_in(rng, state.step), 4)
-  x_0 = encode(images, k_enc)              (latent configs; identity in pixel space)
+  x_0 = encode(vae_params, images, k_enc)  (latent configs, `latent.LatentCodec.encode`;
+                                            identity in pixel space)
   t ~ U{0, ..., T-1} (i.i.d., or stratified over the batch),  eps ~ N(0, I)
   loss = mean_n training_losses(diffusion, model(., ., y; label dropout from k_drop), x_0, t, eps)
   params <- optax update(grad loss);  ema <- decay * ema + (1 - decay) * params
 
 `train_and_evaluate(config, workdir)` builds the mesh, restores or initialises the sharded state,
-jits the step once (in/out shardings, the state donated), and loops: metrics reach the host only
+jits the step once (in/out shardings, the state donated; the VAE parameters of latent configs
+are a replicated argument, never a compiled-in constant), and loops: metrics reach the host only
 on logging and checkpoint steps; a grid of EMA samples every `logging.sample_every_steps`; a
 final checkpoint, and for configs with `sample.final_num_samples_per_class > 0`,
 `<workdir>/samples.npz` (`sample_files`: uint8 N x H x W x C in arr_0, labels in arr_1, how
@@ -38,6 +40,7 @@ from dit_jax import diffusion as dd
 from dit_jax import errors
 from dit_jax import images as image_lib
 from dit_jax import input_pipeline
+from dit_jax import latent
 from dit_jax import metrics as metrics_lib
 from dit_jax import sample_files
 from dit_jax import sampling
@@ -46,11 +49,12 @@ from dit_jax import train_state as ts
 from dit_jax.models import DiT, variants
 
 PyTree = Any
-EncodeFn = Callable[[jax.Array, jax.Array], jax.Array]  # (images, rng) -> scaled latents.
-DecodeFn = Callable[[jax.Array], jax.Array]  # scaled latents -> images in [-1, 1].
+# (vae_params, images, rng) -> scaled latents; (vae_params, scaled latents) -> images.
+EncodeFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
+DecodeFn = Callable[[PyTree, jax.Array], jax.Array]
 
 ARCH_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio")
-LATENT_ENCODERS = ("none", "sd-vae-ft-ema", "sd-vae-ft-mse")
+LATENT_ENCODERS = latent.ENCODERS
 
 
 def build_model(config_model) -> DiT:
@@ -92,12 +96,15 @@ def create_diffusion(config_diffusion) -> dd.GaussianDiffusion:
 
 
 def latent_codec(config_latent, encode_fn: EncodeFn | None = None,
-                 decode_fn: DecodeFn | None = None) -> tuple[EncodeFn | None, DecodeFn | None]:
-  """(encode_fn, decode_fn) of `config.latent`; (None, None) means pixel space.
+                 decode_fn: DecodeFn | None = None, vae_params: PyTree = None
+                 ) -> tuple[EncodeFn | None, DecodeFn | None, PyTree]:
+  """(encode_fn, decode_fn, vae_params as numpy) of `config.latent`; all None in pixel space.
 
-  A latent encoder is plugged in by passing `encode_fn(images, rng) -> latents` (already
-  multiplied by `config.latent.scale_factor`, as the official `vae.encode(x).sample() * 0.18215`)
-  and `decode_fn(latents) -> images` (dividing by the scale factor first).
+  By default the Stable Diffusion VAE of `config.latent.vae_dir` (`latent.from_config`):
+  `encode_fn(vae_params, images, rng)` returns latents already multiplied by
+  `config.latent.scale_factor` (the official `vae.encode(x).sample() * 0.18215`) and
+  `decode_fn(vae_params, latents)` divides by it first. Other encoders can be plugged in by
+  passing both functions (and their parameters, or None).
   """
   name = config_latent.encoder
   if name not in LATENT_ENCODERS:
@@ -106,22 +113,21 @@ def latent_codec(config_latent, encode_fn: EncodeFn | None = None,
     if encode_fn is not None or decode_fn is not None:
       raise errors.UserError("config.latent.encoder='none' (pixel space) but an encode_fn/decode_fn "
                        "was given.")
-    return None, None
-  if encode_fn is None or decode_fn is None:
-    raise NotImplementedError(
-        f"config.latent.encoder={name!r}: the Flax Stable Diffusion VAE is not available in "
-        "dit_jax yet, so latent training cannot start. Train in pixel space with "
-        "--config.latent.encoder=none (and model.input_size / model.in_channels set to the "
-        "image size and channels), or pass encode_fn/decode_fn to train.train_and_evaluate.")
-  return encode_fn, decode_fn
+    return None, None, None
+  if encode_fn is not None and decode_fn is not None:
+    return encode_fn, decode_fn, vae_params
+  codec, vae_params = latent.from_config(config_latent)
+  return codec.encode, codec.decode, vae_params
 
 
-def model_input_shape(config, image_shape, encode_fn: EncodeFn | None) -> tuple[int, int, int]:
+def model_input_shape(config, image_shape, encode_fn: EncodeFn | None,
+                      vae_params: PyTree = None) -> tuple[int, int, int]:
   """(H, W, C) the model sees; checks it against config.model.input_size / in_channels."""
   if encode_fn is None:
     shape = tuple(int(s) for s in image_shape)
   else:
-    out = jax.eval_shape(encode_fn, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32),
+    out = jax.eval_shape(encode_fn, vae_params,
+                         jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32),
                          jax.random.key(0))
     shape = tuple(int(s) for s in out.shape[1:])
   expected = (int(config.model.input_size),) * 2 + (int(config.model.in_channels),)
@@ -133,7 +139,8 @@ def model_input_shape(config, image_shape, encode_fn: EncodeFn | None) -> tuple[
   return shape
 
 
-def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
+def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, vae_params: PyTree = None,
+               *, model: DiT,
                diffusion: dd.GaussianDiffusion, tx: optax.GradientTransformation,
                ema_decay: float, encode_fn: EncodeFn | None = None,
                lr_schedule: optax.Schedule | None = None,
@@ -142,6 +149,9 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
                timestep_power: float = 0.0,
                draws: dict | None = None) -> tuple[ts.TrainState, dict]:
   """One optimizer step on `batch` = {"image": (N,H,W,C) in [-1,1], "label": (N,)}; pure.
+
+  vae_params: the parameters of `encode_fn` (None in pixel space): an argument, so that jit
+  does not compile them in as constants.
 
   min_snr_gamma: None (the official loss) or the Min-SNR-gamma weighting of the mse term.
   timestep_sampling: "uniform" (official, i.i.d.) or "stratified" over the global batch.
@@ -153,7 +163,7 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
   k_t, k_noise, k_drop, k_enc = jax.random.split(jax.random.fold_in(rng, state.step), 4)
   x_start = batch["image"].astype(jnp.float32)
   if encode_fn is not None:
-    x_start = encode_fn(x_start, k_enc)
+    x_start = encode_fn(vae_params, x_start, k_enc)
   y = batch["label"]
   n = x_start.shape[0]
   if draws is None:
@@ -191,7 +201,7 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, *, model: DiT,
 
 def bind_train_step(config, model, diffusion, tx, lr_schedule,
                     encode_fn: EncodeFn | None = None):
-  """`train_step` with everything but (state, batch, rng[, draws]) bound from `config`."""
+  """`train_step` with everything but (state, batch, rng[, vae_params], draws=) bound."""
   return functools.partial(
       train_step, model=model, diffusion=diffusion, tx=tx,
       ema_decay=float(config.ema.decay), encode_fn=encode_fn, lr_schedule=lr_schedule,
@@ -202,12 +212,20 @@ def bind_train_step(config, model, diffusion, tx, lr_schedule,
 
 def jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardings,
                    encode_fn: EncodeFn | None = None):
-  """`train_step` bound to the run and jitted once with shardings; the state is donated."""
+  """`train_step` bound to the run and jitted once with shardings; the state is donated.
+
+  With an `encode_fn` it is `step_fn(state, batch, rng, vae_params)` (the VAE parameters
+  replicated, an argument rather than compiled-in constants); in pixel space
+  `step_fn(state, batch, rng)`.
+  """
   step_fn = bind_train_step(config, model, diffusion, tx, lr_schedule, encode_fn)
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
+  in_shardings = (state_shardings, {"image": batch_sh, "label": batch_sh}, repl)
+  if encode_fn is not None:
+    in_shardings += (repl,)
   return jax.jit(step_fn,
-                 in_shardings=(state_shardings, {"image": batch_sh, "label": batch_sh}, repl),
+                 in_shardings=in_shardings,
                  out_shardings=(state_shardings, repl),
                  donate_argnums=(0,))
 
@@ -250,7 +268,8 @@ def _grid_ncols(num_classes_shown: int, per_class: int) -> int:
 
 
 def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = None,
-                       decode_fn: DecodeFn | None = None) -> ts.TrainState:
+                       decode_fn: DecodeFn | None = None,
+                       vae_params: PyTree = None) -> ts.TrainState:
   """Trains (resuming from `<workdir>/checkpoints` if present) and writes logs and samples."""
   workdir = epath.Path(workdir)
   is_main = jax.process_index() == 0
@@ -258,8 +277,11 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   total_steps = int(config.total_steps)
 
   # Fail on configuration errors before any expensive work (and before creating the workdir).
-  encode_fn, decode_fn = latent_codec(config.latent, encode_fn, decode_fn)
+  encode_fn, decode_fn, vae_params = latent_codec(config.latent, encode_fn, decode_fn,
+                                                  vae_params)
   mesh = sharding.make_mesh(config.mesh)
+  if vae_params is not None:  # Replicated; an explicit argument of the step and the samplers.
+    vae_params = latent.replicate(vae_params, sharding.replicated(mesh))
   sharding.check_global_batch(global_batch_size, mesh, jax.process_count())
   if total_steps < 0:
     raise errors.UserError(f"config.total_steps={total_steps} must be >= 0.")
@@ -273,7 +295,7 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
                mesh.devices.flat[0].device_kind)
 
   source = input_pipeline.create_source(config.data, split=config.data.split)
-  input_shape = model_input_shape(config, source.image_shape, encode_fn)
+  input_shape = model_input_shape(config, source.image_shape, encode_fn, vae_params)
   model = build_model(config.model)
   diffusion = create_diffusion(config.diffusion)
   tx, lr_schedule = ts.create_optimizer(config.optimizer)
@@ -325,7 +347,8 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   grid_seed = int(config.logging.grid_seed)
 
   def write_grid(step):
-    images = get_sampler(len(grid_labels))(state.ema_params, grid_labels, grid_seed)
+    images = get_sampler(len(grid_labels))(state.ema_params, grid_labels, grid_seed,
+                                           vae_params=vae_params)
     if is_main:
       grid = image_lib.make_grid(images, _grid_ncols(len(grid_classes), per_class),
                                  scale=int(config.logging.grid_scale))
@@ -343,16 +366,17 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
                                 enabled=is_main and bool(config.logging.progress_bar))
   compiled = None
   throughput = None
+  vae_args = () if encode_fn is None else (vae_params,)
   host_metrics = {}
   while step < total_steps:
     batch = sharding.global_batch(next(it), batch_sh)
     if compiled is None:
       t0 = time.perf_counter()
-      compiled = step_fn.lower(state, batch, train_rng).compile()
+      compiled = step_fn.lower(state, batch, train_rng, *vae_args).compile()
       logging.info("Compiled the train step in %.1fs; %.3g model FLOPs per step.",
                    time.perf_counter() - t0, flops)
       throughput = metrics_lib.Throughput(step, global_batch_size, flops, peak_total)
-    state, step_metrics = compiled(state, batch, train_rng)
+    state, step_metrics = compiled(state, batch, train_rng, *vae_args)
     step += 1
     bar.update()
 
@@ -390,7 +414,8 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
                  f"{guide_step}")
     batch_size = min(int(config.sample.batch_size), len(labels))
     images = get_sampler(batch_size, autoguided=True)(state.ema_params, labels,
-                                                      int(config.sample.seed), guide_params)
+                                                      int(config.sample.seed), guide_params,
+                                                      vae_params=vae_params)
     if is_main:
       sample_files.save(workdir / "samples.npz", images, labels, sampling.file_meta(
           config, checkpoint=str(workdir), step=step, num_samples=len(labels)))

@@ -10,6 +10,7 @@ from absl import flags
 
 from dit_jax import sharding
 from dit_jax import train
+from dit_jax.errors import UserError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(p for p in CONFIG_DIR.glob("*.py") if p.name not in ("__init__.py",
@@ -103,7 +104,13 @@ def test_global_batch_not_divisible_names_both_numbers():
   sharding.check_global_batch(16, mesh)
 
 
-def test_latent_encoder_unavailable_names_the_field():
+def test_latent_config_without_vae_dir_names_the_field():
   config = load(CONFIG_DIR / "imagenet256.py", "variant=S/8")
-  with pytest.raises(NotImplementedError, match=r"config\.latent\.encoder='sd-vae-ft-ema'"):
+  assert config.latent.vae_dir is None and config.latent.dtype == "float32"
+  with pytest.raises(UserError, match=r"config\.latent\.vae_dir"):
     train.latent_codec(config.latent)
+  for path in CONFIG_FILES:  # Every config names the field; pixel-space ones leave it None.
+    config = load(path)
+    assert "vae_dir" in config.latent and "dtype" in config.latent, path.name
+    if config.latent.encoder == "none":
+      assert config.latent.vae_dir is None, path.name

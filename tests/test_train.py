@@ -14,6 +14,7 @@ from dit_jax import input_pipeline
 from dit_jax import sharding
 from dit_jax import train
 from dit_jax import train_state as ts
+from dit_jax.errors import UserError
 
 
 def test_train_steps_reduce_loss_and_update_ema():
@@ -94,17 +95,18 @@ def test_latent_encoder_plugs_in_and_nonfinite_loss_keeps_last_checkpoint(tmp_pa
   config.checkpoint.save_every_steps = 2
   calls = {"encode": 0, "decode": 0}
 
-  def encode_fn(images, rng):  # A mock "VAE": same shape, scaled, with posterior noise.
+  def encode_fn(vae_params, images, rng):  # A mock "VAE": same shape, scaled, posterior noise.
     calls["encode"] += 1
-    return 0.5 * images + 0.01 * jax.random.normal(rng, images.shape)
+    return vae_params["a"] * images + 0.01 * jax.random.normal(rng, images.shape)
 
-  def decode_fn(latents):
+  def decode_fn(vae_params, latents):
     calls["decode"] += 1
-    return 2.0 * latents
+    return latents / vae_params["a"]
 
-  with pytest.raises(NotImplementedError, match=r"config\.latent\.encoder='sd-vae-ft-mse'"):
+  with pytest.raises(UserError, match=r"config\.latent\.vae_dir"):
     train.train_and_evaluate(config, str(tmp_path))
-  train.train_and_evaluate(config, str(tmp_path), encode_fn=encode_fn, decode_fn=decode_fn)
+  train.train_and_evaluate(config, str(tmp_path), encode_fn=encode_fn, decode_fn=decode_fn,
+                           vae_params={"a": np.float32(0.5)})
   assert calls["encode"] >= 1 and calls["decode"] >= 1  # Traced into the step and the sampler.
   with np.load(tmp_path / "samples.npz") as z:
     assert z["arr_0"].shape == (10, 8, 8, 1) and z["arr_0"].dtype == np.uint8
@@ -113,9 +115,10 @@ def test_latent_encoder_plugs_in_and_nonfinite_loss_keeps_last_checkpoint(tmp_pa
   # Resume for 2 more steps with an encoder that returns NaN: the run stops with a clear error
   # at the next check and step 2 stays the latest (restorable) checkpoint.
   config.total_steps = 4
-  nan_encode = lambda images, rng: images * jnp.nan
+  nan_encode = lambda vae_params, images, rng: images * jnp.nan
   with pytest.raises(FloatingPointError, match=r"Non-finite training metrics at step 4.*step 2"):
-    train.train_and_evaluate(config, str(tmp_path), encode_fn=nan_encode, decode_fn=decode_fn)
+    train.train_and_evaluate(config, str(tmp_path), encode_fn=nan_encode, decode_fn=decode_fn,
+                             vae_params={"a": np.float32(0.5)})
   manager = checkpointing.create_manager(str(tmp_path), config.checkpoint)
   assert checkpointing.latest_step(manager) == 2
   assert manager.all_steps() == [2]
