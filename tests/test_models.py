@@ -205,6 +205,32 @@ def test_label_dropout():
                                 np.broadcast_to(null, (2, 64)))
 
 
+def test_label_dropout_at_the_training_rate():
+  """p = 0.1 (the recipe) over n = 200,000 labels: the drop frequency has sd
+  sqrt(0.1 * 0.9 / n) = 6.7e-4, so |f - 0.1| <= 0.005 is a 7.5-sd bound (p^2 = 0.01 or
+  1 - p fail it by far). Dropped labels become exactly the null index num_classes; the others
+  are kept. The same in train mode through the embedding table."""
+  n, num_classes, p = 200_000, 1000, 0.1
+  emb = embeddings.LabelEmbedder(num_classes=num_classes, hidden_size=2, dropout_prob=p)
+  labels = jnp.arange(n, dtype=jnp.int32) % num_classes
+  table = jnp.stack([jnp.arange(num_classes + 1), jnp.zeros(num_classes + 1)], -1)
+  v = {"params": {"embedding_table": {"embedding": table.astype(jnp.float32)}}}
+
+  @jax.jit
+  def run(key):
+    dropped = emb.apply(v, labels, method=emb.token_drop, rngs={"label_dropout": key})
+    looked_up = emb.apply(v, labels, True, rngs={"label_dropout": key})[:, 0]
+    return dropped, looked_up
+
+  for seed in (0, 1):
+    dropped, looked_up = (np.asarray(a) for a in run(jax.random.key(seed)))
+    for got in (dropped, looked_up.astype(np.int64)):
+      null = got == num_classes
+      assert abs(null.mean() - p) <= 0.005, null.mean()
+      np.testing.assert_array_equal(got[~null], np.asarray(labels)[~null])
+  assert not np.array_equal(dropped, np.asarray(run(jax.random.key(0))[0]))
+
+
 def test_bfloat16_compute_close_to_float32(ref_a):
   model, params, x, t, y = _setup(ref_a)
   out32, _ = _apply_fn(model)(params, x, t, y)

@@ -10,10 +10,14 @@ learn_sigma; B = model_tiny_p4.npz, patch 4, fixed variance), starting from the 
 * the guided outputs `cfg/out` (official forward_with_cfg, both halves) and `cfg/out_unguided`;
 * the 5-step DDPM and DDIM loops with injected per-step noise, with and without guidance.
 
-Measure: max|ours - ref| / max|ref| per array (per sampling step for the loops). Exceptions
-the README explains: `vb` at t = 0 (the decoder NLL, ill-conditioned: 1e-2); the key rows
-`[D, 2D)` of each `qkv.bias`, whose true gradient is 0, so that AdamW's first step moves them
-by an arbitrary +-lr (absolute tolerance 2 lr). Run with `-s` to print the table of errors.
+Measure: max|ours - ref| / max|ref| per array (per sampling step for the loops). Tolerances
+are a few times the errors observed (2026-12-04, x86-64: losses <= 7.5e-7 with t = 0 at
+1.1e-7 for the loss and 2e-7 for vb, gradients <= 1.4e-5, guided outputs <= 2.5e-6, loop steps
+<= 3e-6). The README's warning that `vb` at t = 0 (the decoder NLL) is ill-conditioned concerns
+a float64 re-implementation; the float32 path here, with torch's tanh saturation
+(`T0_HINT`), matches it like the other entries. Exception: the key rows `[D, 2D)` of each
+`qkv.bias`, whose true gradient is 0, so that AdamW's first step moves them by an arbitrary
++-lr (absolute tolerance 2 lr). Run with `-s` to print the table of errors.
 """
 import collections
 import functools
@@ -30,11 +34,10 @@ from dit_jax import diffusion as dd
 from dit_jax.convert import official
 from dit_jax.models import DiT
 
-TOL = 1e-5          # forward, guided outputs, losses
-TOL_VB_T0 = 1e-2    # vb (and so loss) at t = 0: the decoder NLL
-TOL_LOSS_MEAN = 1e-4
-TOL_GRAD = 1e-4     # relative to each tensor's max |grad|
-TOL_LOOP = 1e-4     # relative to each step's max |value|
+TOL = 1e-5          # forward, guided outputs
+TOL_LOSS = 3e-6     # loss, mse, vb (t = 0 included), loss_mean
+TOL_GRAD = 5e-5     # relative to each tensor's max |grad|
+TOL_LOOP = 2e-5     # relative to each step's max |value|
 # vb at t = 0 (decoder NLL) sums log-probabilities of bins far in the tails, where the
 # official float32 `0.5 * (1 + tanh(u))` is quantised to multiples of 2^-25 and clamped at
 # 1e-12: a tanh that saturates to +-1 earlier than torch's (XLA's does at |u| >= ~8, torch's
@@ -126,18 +129,18 @@ def test_training_loss_terms(setup, trained):
   pos = t > 0
   assert t[0] == 0 and pos[1:].all()
   err = _record(name, "train/mse", rel_err(terms["mse"], ref["train/mse"]))
-  assert err <= TOL, err
+  assert err <= TOL_LOSS, err
   err = _record(name, "train/loss (t>0)", rel_err(terms["loss"][pos], ref["train/loss"][pos]))
-  assert err <= TOL, err
+  assert err <= TOL_LOSS, err
   err = _record(name, "train/loss (t=0)", rel_err(terms["loss"][~pos], ref["train/loss"][~pos]))
-  assert err <= TOL_VB_T0, (err, T0_HINT)
+  assert err <= TOL_LOSS, (err, T0_HINT)
   err = _record(name, "train/loss_mean", rel_err(loss_mean, ref["train/loss_mean"]))
-  assert err <= TOL_LOSS_MEAN, (err, T0_HINT)
+  assert err <= TOL_LOSS, (err, T0_HINT)
   if setup.learn_sigma:
     err = _record(name, "train/vb (t>0)", rel_err(terms["vb"][pos], ref["train/vb"][pos]))
-    assert err <= TOL, err
+    assert err <= TOL_LOSS, err
     err = _record(name, "train/vb (t=0)", rel_err(terms["vb"][~pos], ref["train/vb"][~pos]))
-    assert err <= TOL_VB_T0, (err, T0_HINT)
+    assert err <= TOL_LOSS, (err, T0_HINT)
     np.testing.assert_allclose(terms["loss"], terms["mse"] + terms["vb"], rtol=1e-6)
   else:
     assert "train/vb" not in ref

@@ -156,10 +156,10 @@ def test_recipe_values_are_the_official_ones(run):
 
 def test_step_one_matches_the_official_vectors(run):
   ref = run["ref"]
-  # The loss: the official train/loss_mean (vb at t = 0 is the ill-conditioned decoder NLL:
-  # test_parity.py explains the 1e-4 there), and exactly our own loss outside the step.
+  # The loss: the official train/loss_mean (test_parity.py's tolerance), and our own loss
+  # computed outside the step.
   np.testing.assert_allclose(float(run["m1"]["train/loss"]), float(ref["train/loss_mean"]),
-                             rtol=1e-4)
+                             rtol=3e-6)
   np.testing.assert_allclose(float(run["m1"]["train/loss"]), float(run["ref_loss1"]), rtol=1e-6)
   p0 = leaves(run["p0"])
   p1 = leaves(run["state1"].params)
@@ -169,10 +169,10 @@ def test_step_one_matches_the_official_vectors(run):
   moved = loose = 0
   for a, b, want, g, gr in zip(p0, p1, adamw1, g1, g_ref):
     # AdamW's first step is -lr g / (|g| + eps): a gradient error dg moves it by
-    # lr eps |dg| / (|g| + eps)^2, and our gradients agree with grad/* to 1e-4 of each tensor's
+    # lr eps |dg| / (|g| + eps)^2, and our gradients agree with grad/* to 5e-5 of each tensor's
     # max |g| (test_parity.py). Where |g| is float noise (the qkv key rows) that bound exceeds
     # lr: the direction is arbitrary and only |p1 - p0| <= lr holds.
-    dg = 1e-4 * np.abs(gr).max()
+    dg = 5e-5 * np.abs(gr).max()
     atol = np.minimum(2 * LR, LR * EPS * dg / (np.abs(gr) + EPS) ** 2)
     assert_within(b, want, atol + ulp_bound(want) + UPDATE_RTOL * LR, "p1 vs adamw1")
     assert_within(b, a, LR * (1 + UPDATE_RTOL) + ulp_bound(a), "|p1 - p0| <= lr")
