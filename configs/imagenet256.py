@@ -56,6 +56,8 @@ def make_config(arg, image_size: int):
   config.data.shuffle = True
   config.data.num_workers = 16  # Decoding threads (file-based sources).
   config.data.prefetch = 2  # Batches decoded ahead.
+  # Cached VAE moments (python -m dit_jax.extract); None: read and encode the images.
+  config.data.latent_cache_dir = config_dict.placeholder(str)
   config.data.prepare = True  # Build the tfds data set from manual_dir if missing.
 
   config.latent = mc.ConfigDict()

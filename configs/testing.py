@@ -33,6 +33,8 @@ def get_config(arg=None):
   config.data.shuffle = True
   config.data.num_workers = 2  # Decoding threads (file-based sources).
   config.data.prefetch = 2  # Batches decoded ahead.
+  # Cached VAE moments (python -m dit_jax.extract); None: read and encode the images.
+  config.data.latent_cache_dir = config_dict.placeholder(str)
 
   config.latent = mc.ConfigDict()
   config.latent.encoder = "none"  # Pixel space.

@@ -94,15 +94,37 @@ def require(path, what: str) -> epath.Path:
   return path
 
 
+def checkpoint_input_size(sd) -> int | None:
+  """The latent side a DiT state_dict was trained on: sqrt(tokens) x patch (None if unknown)."""
+  pe, proj = sd.get("pos_embed"), sd.get("x_embedder.proj.weight")
+  if pe is None or proj is None or np.ndim(pe) != 3 or np.ndim(proj) != 4:
+    return None
+  side = int(round(math.sqrt(pe.shape[1])))
+  return side * int(proj.shape[-1]) if side * side == pe.shape[1] else None
+
+
 def load_official(path, *, variant: str, input_size: int,
-                  num_classes: int = OFFICIAL_NUM_CLASSES, which: str = "ema") -> Loaded:
-  """An official DiT state_dict file (`DiT-XL-2-256x256.pt`, `.safetensors`, `.npz`)."""
+                  num_classes: int = OFFICIAL_NUM_CLASSES, which: str = "ema",
+                  latent_source: str = "") -> Loaded:
+  """An official DiT state_dict file (`DiT-XL-2-256x256.pt`, `.safetensors`, `.npz`) for
+  latents of side `input_size` (`latent_source` says where that size comes from)."""
   from dit_jax.convert import io  # pylint: disable=import-outside-toplevel
+  from dit_jax.convert import official  # pylint: disable=import-outside-toplevel
   require(path, "--ckpt")
+  try:
+    sd = io.load_state_dict(str(path), which=which)
+  except (ValueError, KeyError) as e:
+    raise UserError(f"--ckpt {path}: {e}") from None
+  side = checkpoint_input_size(sd)
+  if side is not None and side != int(input_size):
+    raise UserError(f"--ckpt {path} is a DiT for {side}x{side} latents, but {latent_source} "
+                    f"gives {input_size}x{input_size} latents")
   kwargs = {"variant": variant, "input_size": int(input_size), "num_classes": int(num_classes)}
   try:
     model = io.build_model(kwargs)
-    params = io.import_official(str(path), model, which=which)
+    expected = io.abstract_params(model)
+    params = official.state_dict_to_params(sd, expected=expected)
+    io.check_params(params, expected, source=str(path))
   except (ValueError, KeyError, TypeError) as e:
     raise UserError(f"cannot load --ckpt {path} as {kwargs}: {e}") from None
   return Loaded(model=model, params=params, diffusion=mc.ConfigDict(OFFICIAL_DIFFUSION),
@@ -278,7 +300,7 @@ def _write_shard(directory: epath.Path, lo: int, hi: int, images, labels) -> Non
   final = directory / f"{lo:09d}-{hi:09d}.npz"
   tmp = directory / f".{final.name}.tmp{jax.process_index()}"
   tmp.write_bytes(buf.getvalue())
-  tmp.rename(final)
+  tmp.replace(final)
 
 
 def _read_shard(directory: epath.Path, lo: int, hi: int):
@@ -301,14 +323,16 @@ def _check_job(directory: epath.Path, record: dict) -> None:
     path.write_text(text)
 
 
-def _all_processes_agree(flags: np.ndarray) -> np.ndarray:
+def all_processes_agree(flags: np.ndarray) -> np.ndarray:
+  """Elementwise AND of each process's `flags` (the same decision on every process)."""
   if jax.process_count() == 1:
     return flags
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.all(multihost_utils.process_allgather(flags), axis=0)
 
 
-def _sync(name: str) -> None:
+def sync(name: str) -> None:
+  """A barrier of all processes (nothing on one)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
@@ -320,9 +344,11 @@ def draw_to_file(round_fn: RoundFn, params, vae_params, settings: Settings, out,
   n = int(settings.num_samples)
   g = round_fn.global_batch
   directory = shard_dir(out)
+  if epath.Path(out).exists() and sample_files.read_meta(out) == json.loads(json.dumps(meta)):
+    return  # Finished earlier with the same settings.
   # The record holds no device count: a restart on other devices continues the same images.
   _check_job(directory, dict(meta, per_device_batch=int(settings.per_device_batch)))
-  _sync("dit_jax.generate.job")
+  sync("dit_jax.generate.job")
   directory.mkdir(parents=True, exist_ok=True)
   starts = list(range(0, n, g))
   done = np.zeros(n, bool)
@@ -333,7 +359,7 @@ def draw_to_file(round_fn: RoundFn, params, vae_params, settings: Settings, out,
   def round_done(start):
     return all(done[start + lo:min(start + hi, n)].all() for lo, hi in mine)
 
-  skip = _all_processes_agree(np.array([round_done(s) for s in starts], bool))
+  skip = all_processes_agree(np.array([round_done(s) for s in starts], bool))
   is_main = jax.process_index() == 0
   bar = metrics_lib.ProgressBar(n, initial=int(min(n, g * int(skip.sum()))),
                                 enabled=is_main and progress, unit="img")
@@ -350,12 +376,12 @@ def draw_to_file(round_fn: RoundFn, params, vae_params, settings: Settings, out,
       _write_shard(directory, lo, hi, x, np.asarray(shard_y.data)[:hi - lo])
     bar.update(min(g, n - start))
   bar.close()
-  _sync("dit_jax.generate.shards")
+  sync("dit_jax.generate.shards")
   if is_main:
     sample_files.write(out, _stream(directory, n), num_samples=n, image_shape=image_shape,
                        meta=meta)
     directory.rmtree()
-  _sync("dit_jax.generate.file")
+  sync("dit_jax.generate.file")
 
 
 def _stream(directory: epath.Path, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

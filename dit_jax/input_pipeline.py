@@ -20,7 +20,9 @@ File-based sources are decoded by a small thread pool, `prefetch` batches ahead;
 sources (with a `get_batch(indices)` method) are gathered directly.
 
 config.data fields read here: name, image_size, data_dir, manual_dir, split, random_flip,
-num_classes, shuffle, num_workers, prefetch, prepare (see `create_source`, `make_iterator`).
+num_classes, shuffle, num_workers, prefetch, prepare, latent_cache_dir (see `create_source`,
+`make_iterator`). With `latent_cache_dir` the training split is read from cached VAE moments
+(`data.latent_cache`): the same order and flip rule, batches {"moments", "label"}.
 """
 from __future__ import annotations
 
@@ -79,7 +81,16 @@ def create_source(config_data, split: str | None = None) -> Source:
   split = split if split is not None else _get(config_data, "split", "train")
   image_size = _get(config_data, "image_size")
   data_dir = _get(config_data, "data_dir")
-  if name == "digits":
+  cache_dir = _get(config_data, "latent_cache_dir")
+  if cache_dir and split == _get(config_data, "split", "train"):
+    # Cached VAE moments of this split (python -m dit_jax.extract): batches hold "moments".
+    from dit_jax.data import latent_cache  # pylint: disable=g-import-not-at-top
+    source = latent_cache.LatentCacheSource(cache_dir)
+    if image_size is not None and source.image_shape[0] != image_size:
+      raise errors.UserError(f"config.data.latent_cache_dir={cache_dir} holds latents of "
+                             f"{source.image_shape[0]}px images, config.data.image_size="
+                             f"{image_size}")
+  elif name == "digits":
     from dit_jax.data import digits  # pylint: disable=g-import-not-at-top
     if image_size is not None and image_size != digits.IMAGE_SHAPE[0]:
       raise errors.UserError(f"config.data.image_size must be {digits.IMAGE_SHAPE[0]} for digits "
@@ -208,6 +219,8 @@ class BatchIterator:
     return idx, flips
 
   def _assemble(self, images: np.ndarray, labels, flips: np.ndarray) -> dict[str, np.ndarray]:
+    if hasattr(self.source, "assemble"):  # Cached latents: the source applies the flips.
+      return self.source.assemble(images, labels, flips)
     images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
     return {"image": transforms.to_model_range(images),
             "label": np.asarray(labels, np.int32)}

@@ -13,12 +13,14 @@ r"""Draw samples from a DiT: a grid PNG (official sample.py) or a 50K .npz (samp
 `.npz` draws an ADM-format sample file (defaults: cfg 1.5, 50,000 images, labels drawn at
 random), resumably: rerun the same command after an interruption. Image i's label and noise
 depend on (--seed, i) only, so the same --per-device-batch gives the same images on any
-number of devices. See `dit_jax/generate.py`.
+number of devices. Every device of every host draws (on a multi-host launch, Cloud TPU pod
+slices or Slurm, `jax.distributed.initialize()` is called). See `dit_jax/generate.py`.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from dit_jax import errors
@@ -90,6 +92,9 @@ def _main(argv) -> int:
   from dit_jax import generate  # pylint: disable=import-outside-toplevel
 
   args = make_parser().parse_args(argv)
+  from dit_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  if main_lib.detected_cluster(os.environ):  # A multi-host launch (Cloud TPU pod, Slurm).
+    jax.distributed.initialize()
   out = str(args.out)
   if not out.endswith((".png", ".npz")):
     raise UserError(f"--out {out}: expected a .png (grid) or .npz (sample file) path")
@@ -116,8 +121,10 @@ def _main(argv) -> int:
       raise UserError("--vae-dir is required with --ckpt (official DiTs sample VAE latents)")
     decode, vae_params, latent_shape_fn = _codec(args.vae_dir, args.dtype)
     latent_shape = tuple(latent_shape_fn((image_size, image_size, 3)))
-    loaded = generate.load_official(args.ckpt, variant=args.variant or "DiT-XL/2",
-                                    input_size=latent_shape[0], num_classes=args.num_classes)
+    loaded = generate.load_official(
+        args.ckpt, variant=args.variant or "DiT-XL/2", input_size=latent_shape[0],
+        num_classes=args.num_classes,
+        latent_source=f"--image-size {image_size} with --vae-dir {args.vae_dir}")
   else:
     loaded = generate.load_workdir(args.workdir, step=args.step, which=args.params)
     model = loaded.model

@@ -86,7 +86,7 @@ def write(path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], *, num_samples:
       raise ValueError(f"{count} images were given, expected num_samples={shape[0]}")
     _write_array(zf, LABELS, np.concatenate(labels) if labels else np.zeros((0,), np.int32))
     _write_array(zf, META, np.array(text))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def save(path, images: np.ndarray, labels: np.ndarray, meta: Mapping[str, Any]) -> None:

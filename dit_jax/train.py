@@ -8,7 +8,8 @@ One step (official DiT train.py, with per-step randomness from fold_in(seed, ste
 
   k_t, k_noise, k_drop, k_enc = split(fold_in(rng, state.step), 4)
   x_0 = encode(vae_params, images, k_enc)  (latent configs, `latent.LatentCodec.encode`;
-                                            identity in pixel space)
+                                            identity in pixel space; with cached latents
+                                            (mean + std * eps) * scale of the cached moments)
   t ~ U{0, ..., T-1} (i.i.d., or stratified over the batch),  eps ~ N(0, I)
   loss = mean_n training_losses(diffusion, model(., ., y; label dropout from k_drop), x_0, t, eps)
   params <- optax update(grad loss);  ema <- decay * ema + (1 - decay) * params
@@ -46,6 +47,7 @@ from dit_jax import sample_files
 from dit_jax import sampling
 from dit_jax import sharding
 from dit_jax import train_state as ts
+from dit_jax.data import latent_cache
 from dit_jax.models import DiT, variants
 
 PyTree = Any
@@ -161,7 +163,8 @@ def train_step(state: ts.TrainState, batch: dict, rng: jax.Array, vae_params: Py
     that a test can feed the official computation's draws (tests/test_train_official.py).
   """
   k_t, k_noise, k_drop, k_enc = jax.random.split(jax.random.fold_in(rng, state.step), 4)
-  x_start = batch["image"].astype(jnp.float32)
+  # Cached latents (`data.latent_cache`) give the posterior moments of the flipped images.
+  x_start = batch["moments" if "moments" in batch else "image"].astype(jnp.float32)
   if encode_fn is not None:
     x_start = encode_fn(vae_params, x_start, k_enc)
   y = batch["label"]
@@ -221,7 +224,7 @@ def jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardi
   step_fn = bind_train_step(config, model, diffusion, tx, lr_schedule, encode_fn)
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
-  in_shardings = (state_shardings, {"image": batch_sh, "label": batch_sh}, repl)
+  in_shardings = (state_shardings, batch_sh, repl)  # batch_sh: every leaf of the batch.
   if encode_fn is not None:
     in_shardings += (repl,)
   return jax.jit(step_fn,
@@ -295,7 +298,15 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
                mesh.devices.flat[0].device_kind)
 
   source = input_pipeline.create_source(config.data, split=config.data.split)
-  input_shape = model_input_shape(config, source.image_shape, encode_fn, vae_params)
+  if isinstance(source, latent_cache.LatentCacheSource):  # Sample the posterior, no encoder.
+    if encode_fn is None:
+      raise errors.UserError("config.data.latent_cache_dir holds VAE latents but "
+                             "config.latent.encoder='none' (pixel space)")
+    encode_fn = functools.partial(latent_cache.encode_cached,
+                                  scale_factor=float(config.latent.scale_factor))
+    input_shape = model_input_shape(config, source.latent_shape, None)
+  else:
+    input_shape = model_input_shape(config, source.image_shape, encode_fn, vae_params)
   model = build_model(config.model)
   diffusion = create_diffusion(config.diffusion)
   tx, lr_schedule = ts.create_optimizer(config.optimizer)

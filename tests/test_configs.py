@@ -71,6 +71,16 @@ def test_imagenet256_is_the_paper_recipe():
   assert config.data.random_flip and config.data.image_size == 256
   assert config.latent.encoder == "sd-vae-ft-ema" and config.latent.scale_factor == 0.18215
   assert config.model.dtype == "float32" and not config.model.remat
+  # Sampling: the official sample.py (250 DDPM steps, cfg 4.0, forward_with_cfg's guidance of
+  # eps channels 0-2, no clipping, i.i.d. noise, the null label is num_classes).
+  s = config.sample
+  assert (s.sampler, s.num_sampling_steps, s.cfg_scale, s.guidance_mode) == ("ddpm", 250, 4.0,
+                                                                             "official")
+  assert not s.clip_denoised and s.noise == "iid" and s.guidance_interval is None
+  assert s.autoguidance_scale == 1.0
+  assert config.logging.grid_classes == (207, 360, 387, 974, 88, 979, 417, 279)
+  for path in CONFIG_FILES:  # Every config names the cached-latents field (None = encode).
+    assert load(path).data.latent_cache_dir is None, path.name
 
 
 def test_variant_argument_and_latent_size_follow_overrides():

@@ -5,7 +5,7 @@ Parity (tests/data/model_tiny.npz, tests/data/README.md): the official
 `p_sample_loop(forward_with_cfg)` of `sample.py` with injected x_T and step noise
 (`loop_ddpm_cfg`); measured as max|ours - ref| / max|ref| per step, 1e-4 as test_parity.
 """
-import json
+
 import os
 import pathlib
 import signal
@@ -17,20 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import load_config, perturbed_params, rel_err
-from dit_jax import checkpointing, generate, sample, sample_files, sampling, train
-from dit_jax import train_state as ts
+from conftest import load_config, rel_err
+from dit_jax import generate, sample, sample_files, sampling, train
+from dit_jax import images as image_lib
 from dit_jax.convert import io as convert_io
 from dit_jax.convert import official
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOL_LOOP = 1e-4
 
-
 def nhwc(a):
   return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
-
 
 def _ref_noise(ref):
   """x_T (2, 8, 8, 4) and step noise (5, 2, 8, 8, 4): the conditional half of sample.py's."""
@@ -38,10 +37,8 @@ def _ref_noise(ref):
   step_noise = np.asarray(ref["loop/step_noise"]).transpose(0, 1, 3, 4, 2)[:, :2]
   return z, jnp.asarray(step_noise)
 
-
 def _want(ref):
   return np.asarray(ref["loop_ddpm_cfg/samples"])[-1, :2].transpose(0, 2, 3, 1)
-
 
 def test_imagenet_config_sampler_reproduces_official_cfg_loop(ref_a):
   """The recipe's sampling fields (official guidance, cfg 4.0, null label = num_classes,
@@ -65,83 +62,108 @@ def test_imagenet_config_sampler_reproduces_official_cfg_loop(ref_a):
   assert rel_err(out, _want(ref_a)) <= TOL_LOOP
 
 
-def test_script_path_official_weights_equal_official_loop(ref_a, tmp_path):
-  """Import of an official state_dict file -> the script's guided loop -> the same latents."""
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, ref_a):
+  """tiny-A's official weights as a .safetensors state_dict, and a small random diffusers VAE
+  directory (downsampling 2: 16x16 images <-> tiny-A's 8x8x4 latents) with its torch model."""
+  from test_vae import REDUCED, _torch_vae  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("sample")
   sd = {k[len("param/"):]: ref_a[k] for k in ref_a if k.startswith("param/")}
-  convert_io.save_state_dict(sd, tmp_path / "tiny.safetensors")
-  loaded = generate.load_official(tmp_path / "tiny.safetensors", variant="tiny-A",
-                                  input_size=8, num_classes=10)
+  convert_io.save_state_dict(sd, root / "tiny.safetensors")
+  vae = _torch_vae(REDUCED, seed=1)
+  vae.save_pretrained(root / "vae")
+  return {"ckpt": root / "tiny.safetensors", "vae_dir": root / "vae", "vae": vae}
+
+
+def test_script_path_equals_official_loop_and_diffusers_decode(ref_a, files):
+  """Import of an official state_dict file -> the script's guided loop -> the official latents;
+  then the script's decode -> diffusers' `vae.decode(z / 0.18215)`; then the uint8 rule."""
+  import ml_collections as mc  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from dit_jax import latent  # pylint: disable=import-outside-toplevel
+  codec, vae_params = latent.from_config(mc.ConfigDict(
+      {"encoder": "sd-vae-ft-ema", "vae_dir": str(files["vae_dir"]), "scale_factor": 0.18215}))
+  assert codec.latent_shape((16, 16, 3)) == (8, 8, 4)
+  loaded = generate.load_official(files["ckpt"], variant="tiny-A", input_size=8, num_classes=10)
   labels = tuple(int(v) for v in ref_a["loop/y"])
   settings = generate.Settings(num_samples=2, class_labels=labels, num_sampling_steps=5,
                                cfg_scale=4.0, guidance_mode="official")
-  round_fn = generate.RoundFn(loaded, settings, generate.make_mesh(), (8, 8, 4), None)
+  round_fn = generate.RoundFn(loaded, settings, generate.make_mesh(), (8, 8, 4), codec.decode)
   z, step_noise = _ref_noise(ref_a)
-  out = jax.jit(lambda p: round_fn.sample_fn(p, jnp.asarray(labels, jnp.int32), None,
-                                             decode_fn=None, x_T=z, step_noise=step_noise)
-                )(loaded.params)
-  assert rel_err(out, _want(ref_a)) <= TOL_LOOP
+  y = jnp.asarray(labels, jnp.int32)
+  with jax.default_matmul_precision("highest"):
+    latents = jax.jit(lambda p: round_fn.sample_fn(p, y, None, decode_fn=None, x_T=z,
+                                                   step_noise=step_noise))(loaded.params)
+    images = jax.jit(lambda p, v: round_fn.sample_fn(
+        p, y, None, decode_fn=codec.decode, vae_params=v, x_T=z, step_noise=step_noise))(
+            loaded.params, vae_params)
+  assert rel_err(latents, _want(ref_a)) <= TOL_LOOP
+  with torch.no_grad():
+    ref = files["vae"].decode(torch.from_numpy(np.array(latents).transpose(0, 3, 1, 2))
+                              / 0.18215).sample
+  err = rel_err(images, ref.numpy().transpose(0, 2, 3, 1))
+  assert err <= 1e-5, err
+  # sample_ddp.py's uint8: torch.clamp(127.5 * x + 128, 0, 255).to(uint8), on our float32.
+  ours = image_lib.to_uint8(images)
+  want = torch.clamp(127.5 * torch.from_numpy(np.asarray(images)) + 128.0, 0, 255)
+  np.testing.assert_array_equal(ours, want.to(torch.uint8).numpy())
+  assert np.mean((ours > 0) & (ours < 255)) > 0.05  # Not all saturated.
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A pixel-space run of configs/testing.py with a checkpoint at step 3 (perturbed init)."""
-  path = tmp_path_factory.mktemp("sample") / "run"
-  config = load_config("testing")
-  model = train.build_model(config.model)
-  params = perturbed_params(model, 0)
-  tx, _ = ts.create_optimizer(config.optimizer)
-  state = ts.TrainState(step=jnp.asarray(3, jnp.int32), params=params, ema_params=params,
-                        opt_state=tx.init(params))
-  manager = checkpointing.create_manager(str(path), config.checkpoint)
-  checkpointing.save(manager, 3, state, {"step": 3, "data_position": 48,
-                                         "config": checkpointing.config_to_json(config)},
-                     force=True)
-  checkpointing.wait(manager)
-  manager.close()
-  return path
+JOB = ["--variant", "tiny-A", "--num-classes", "10", "--image-size", "16", "--num-samples", "64",
+       "--per-device-batch", "4", "--num-sampling-steps", "3", "--seed", "5", "--no-progress"]
 
 
-JOB = ["--num-samples", "64", "--per-device-batch", "4", "--num-sampling-steps", "3",
-       "--cfg-scale", "2", "--seed", "5", "--no-progress"]
+def _args(files, out):
+  return ["--ckpt", str(files["ckpt"]), "--vae-dir", str(files["vae_dir"]), "--out", str(out),
+          *JOB]
 
 
-def _run(workdir, out, devices, **kw):
+def _run(files, out, devices):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  cmd = [sys.executable, "-m", "dit_jax.sample", "--workdir", str(workdir), "--out", str(out),
-         *JOB]
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, **kw)
+  return subprocess.Popen([sys.executable, "-m", "dit_jax.sample", *_args(files, out)],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
 
 
-def test_same_images_on_1_2_8_devices_and_after_sigkill(tmp_path, workdir):
+def test_same_images_on_1_2_8_devices_and_after_sigkill(tmp_path, files):
   # 8 devices: this process (conftest), uninterrupted.
-  assert sample.main(["--workdir", str(workdir), "--out", str(tmp_path / "d8.npz"), *JOB]) == 0
+  assert sample.main(_args(files, tmp_path / "d8.npz")) == 0
   want = (tmp_path / "d8.npz").read_bytes()
   images, labels = sample_files.load(tmp_path / "d8.npz")
-  assert images.shape == (64, 8, 8, 1) and len(set(labels.tolist())) > 5
+  assert images.shape == (64, 16, 16, 3) and len(set(labels.tolist())) > 5
   assert len({im.tobytes() for im in images}) == 64  # i.i.d. noise: no two alike.
   meta = sample_files.read_meta(tmp_path / "d8.npz")
-  assert (meta["step"], meta["seed"], meta["per_device_batch"], meta["cfg_scale"]) == (3, 5, 4,
-                                                                                        2.0)
+  assert (meta["seed"], meta["per_device_batch"], meta["cfg_scale"], meta["guidance_mode"],
+          meta["num_sampling_steps"]) == (5, 4, 1.5, "official", 3)
   assert not generate.shard_dir(tmp_path / "d8.npz").exists()
-  # 1 device, uninterrupted.
-  one = _run(workdir, tmp_path / "d1.npz", 1)
-  # 2 devices, killed after its first shards, then restarted.
-  killed = _run(workdir, tmp_path / "d2.npz", 2)
+  # 1 device, uninterrupted; 2 devices killed after its first shards, then restarted.
+  one = _run(files, tmp_path / "d1.npz", 1)
+  killed = _run(files, tmp_path / "d2.npz", 2)
   shards = generate.shard_dir(tmp_path / "d2.npz")
   deadline = time.time() + 120
   while time.time() < deadline and len(list(shards.glob("0*.npz"))) < 2:
-    time.sleep(0.005)
+    time.sleep(0.002)
   killed.send_signal(signal.SIGKILL)
   killed.wait()
   written = len(list(shards.glob("0*.npz")))
-  assert 2 <= written < 16 and not (tmp_path / "d2.npz").exists(), written
-  restarted = _run(workdir, tmp_path / "d2.npz", 2)
+  assert 2 <= written < 32 and not (tmp_path / "d2.npz").exists(), written
+  restarted = _run(files, tmp_path / "d2.npz", 2)
   for proc in (one, restarted):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
   assert (tmp_path / "d1.npz").read_bytes() == want
   assert (tmp_path / "d2.npz").read_bytes() == want
+  # A finished file with the same settings is kept; a grid is the official sample.py picture.
+  mtime = (tmp_path / "d8.npz").stat().st_mtime_ns
+  assert sample.main(_args(files, tmp_path / "d8.npz")) == 0
+  assert (tmp_path / "d8.npz").stat().st_mtime_ns == mtime
+  args = _args(files, tmp_path / "grid.png")
+  assert sample.main(args[:args.index("--num-samples")] + ["--class-labels", "1,2,3,4,5",
+                                                           "--num-sampling-steps", "2"]) == 0
+  grid = np.asarray(Image.open(tmp_path / "grid.png"))
+  assert grid.shape == (2 * 18 + 2, 4 * 18 + 2, 3)  # torchvision's make_grid: nrow=4, padding 2.
 
 
 def _error(capsys, argv):
@@ -151,14 +173,23 @@ def _error(capsys, argv):
   return err
 
 
-def test_bad_input_is_one_line_exit_2(tmp_path, capsys, workdir):
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, files):
+  base = ["--ckpt", str(files["ckpt"]), "--vae-dir", str(files["vae_dir"]), "--variant",
+          "tiny-A", "--num-classes", "10", "--image-size", "16"]
   err = _error(capsys, ["--ckpt", str(tmp_path / "missing.pt"), "--vae-dir", str(tmp_path)])
   assert "missing.pt does not exist" in err
-  err = _error(capsys, ["--workdir", str(workdir), "--class-labels", "3,10"])
+  err = _error(capsys, [*base, "--class-labels", "3,10"])
   assert "--class-labels: 10 is not a class" in err
-  err = _error(capsys, ["--workdir", str(workdir), "--class-labels", "-1"])
+  err = _error(capsys, [*base, "--class-labels", "-1"])
   assert "-1 is not a class" in err
+  err = _error(capsys, [*base, "--image-size", "32"])
+  assert "is a DiT for 8x8 latents, but --image-size 32" in err and "16x16 latents" in err
   err = _error(capsys, ["--workdir", str(tmp_path / "nowhere")])
   assert "nowhere" in err and "does not exist" in err
-  err = _error(capsys, ["--workdir", str(workdir), "--out", str(tmp_path / "x.jpg")])
+  err = _error(capsys, [*base, "--out", str(tmp_path / "x.jpg")])
   assert "x.jpg" in err
+  broken = tmp_path / "vae"
+  broken.mkdir()
+  (broken / "config.json").write_text((files["vae_dir"] / "config.json").read_text())
+  err = _error(capsys, [*base, "--vae-dir", str(broken)])
+  assert str(broken) in err
