@@ -157,6 +157,13 @@ def get_config(arg=None):
   config.checkpoint.max_to_keep = 2
   config.checkpoint.keep_every_steps = 0
   config.checkpoint.async_save = True
+  # A damaged latest checkpoint (unreadable, checksum mismatch) is moved to <workdir>/corrupt/
+  # and the previous step resumed; False: stop with exit code 2 instead.
+  config.checkpoint.fallback = True
+  config.checkpoint.allow_seed_change = False  # Resuming with another seed is refused.
+  # One training run per workdir: a lock with a heartbeat lease (0 = no lock); a dead run's
+  # lock expires this many seconds after its last heartbeat.
+  config.checkpoint.lock_lease_secs = 60.0
 
   config.logging = mc.ConfigDict()
   config.logging.log_every_steps = 100

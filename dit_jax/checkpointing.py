@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import logging
 from etils import epath
 import jax
 import numpy as np
@@ -46,15 +48,26 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from dit_jax import errors
+from dit_jax import integrity
 
 PyTree = Any
 
 STATE = "state"
 META = "meta"
+INTEGRITY = "integrity"  # meta key: integrity.summarize(state) at save.
+CORRUPT = "corrupt"  # <workdir>/corrupt/<step>/: damaged steps moved aside, never deleted.
+# Restore errors worth retrying (storage hiccups), never taken for damage.
+TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "timed out", "Timeout",
+                     "Connection reset", "503", "429", "Too Many Requests")
+# Restore errors that mean the stored bytes are damaged (tensorstore status codes, decoders).
+DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "Error decoding", "decode",
+                  "corrupt", "truncated", "Invalid", "INVALID_ARGUMENT", "FAILED_PRECONDITION")
+RESTORE_ATTEMPTS = 4  # Per step and process, for transient errors (1, 2, 4 s apart).
 
 # Model fields that change how the forward pass is computed but not the parameters: a run may
 # resume with different values (e.g. moving from GPU to TPU changes the attention kernel). All
 # other model and diffusion fields must match the checkpoint.
+ARCH_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio")  # As in train.
 COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "attention_impl", "remat", "ln_grad_barrier"})
 CHECKED_SECTIONS = ("model", "diffusion")
 # Fields added after checkpoints were first written, with the value that reproduces what those
@@ -157,9 +170,30 @@ def latest_step(manager: ocp.CheckpointManager) -> int | None:
   return manager.latest_step()
 
 
+class SaveError(RuntimeError):
+  """Writing a checkpoint failed (disk full, permissions, storage errors), in this thread or in
+  an asynchronous save's background thread. The message is one line ending with the cause."""
+
+
+def _save_error(manager, step, e: BaseException) -> SaveError:
+  root = e
+  while root.__cause__ is not None:
+    root = root.__cause__
+  where = manager.directory if step is None else step_directory(manager, step)
+  return SaveError(f"saving checkpoint {'' if step is None else f'step {step} '}to {where} "
+                   f"failed; earlier checkpoints are intact. {type(root).__name__}: "
+                   f"{errors.one_line(root)}")
+
+
+_PENDING = "_dit_jax_pending_step"  # Manager attribute: the step of the save in flight.
+
+
 def wait(manager: ocp.CheckpointManager) -> None:
-  """Blocks until any asynchronous save has been finalized on disk."""
-  manager.wait_until_finished()
+  """Blocks until any asynchronous save has been finalized on disk; SaveError if it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, getattr(manager, _PENDING, None), e) from e
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree, meta: Mapping[str, Any],
@@ -176,6 +210,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, meta: Mapping
 
   Returns:
     True if a save was started.
+
+  Raises:
+    SaveError: this save, or the previous asynchronous one, failed.
   """
   step = int(step)
   for key in ("step", "data_position", "config"):
@@ -183,17 +220,24 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, meta: Mapping
       raise ValueError(f"checkpoint meta is missing {key!r}; got keys {sorted(meta)}.")
   if int(meta["step"]) != step:
     raise ValueError(f"checkpoint meta['step']={meta['step']} differs from step={step}.")
-  if step in manager.all_steps():
+  if step in manager.all_steps() or not (force or manager.should_save(step)):
     return False
   meta = json.loads(json.dumps(dict(meta)))  # Fail here, not in a background thread.
-  return manager.save(
-      step,
-      args=ocp.args.Composite(**{
-          STATE: ocp.args.StandardSave(state),
-          META: ocp.args.JsonSave(meta),
-      }),
-      force=force,
-  )
+  meta[INTEGRITY] = integrity.summarize(state)  # On device, before the state is donated.
+  wait(manager)  # A failure of the previous asynchronous save is reported as that step's.
+  try:
+    started = manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state),
+            META: ocp.args.JsonSave(meta),
+        }),
+        force=force,
+    )
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, step, e) from e
+  setattr(manager, _PENDING, step)
+  return started
 
 
 def config_to_json(config) -> str:
@@ -219,13 +263,46 @@ def _flatten(d, prefix=""):
   return out
 
 
+def _effective_model(model: dict) -> dict:
+  """The model section with its variant resolved: every architecture field a value, as built.
+
+  `train.build_model` takes the variant's values for fields left None, so `mlp_ratio=4.0` on a
+  variant with 4.0 is the same model as `mlp_ratio=None`, and `XL/2` the same as `DiT-XL/2`.
+  """
+  from dit_jax.models import variants  # pylint: disable=import-outside-toplevel
+  model = dict(model)
+  name = model.get("variant")
+  if not name:
+    return model
+  try:
+    arch = variants.parse(name)
+  except ValueError:
+    return model  # An unknown name compares as written.
+  for key in ARCH_FIELDS:
+    if model.get(key) is None and key in arch:
+      model[key] = arch[key]
+  model.pop("variant")
+  if isinstance(model.get("mlp_ratio"), int):
+    model["mlp_ratio"] = float(model["mlp_ratio"])  # 4 and 4.0 are one model.
+  return model
+
+
 def config_mismatches(saved_config, config) -> list[str]:
-  """Fields of the model and diffusion sections that differ, as 'field: saved -> current'."""
+  """Differing fields that a resumed run must keep, as 'field: checkpoint a != config b'.
+
+  Compared: the model section with its variant resolved (`_effective_model`; compute-only fields
+  excepted), the diffusion section, and the seed (it sets the data order and every random
+  stream; a change is allowed only with `config.checkpoint.allow_seed_change=True`).
+  """
   saved, current = _as_dict(saved_config), _as_dict(config)
   diffs = []
   for section in CHECKED_SECTIONS:
-    a = _flatten(saved.get(section) or {}, f"{section}.")
-    b = _flatten(current.get(section) or {}, f"{section}.")
+    a_section = saved.get(section) or {}
+    b_section = current.get(section) or {}
+    if section == "model":
+      a_section, b_section = _effective_model(a_section), _effective_model(b_section)
+    a = _flatten(a_section, f"{section}.")
+    b = _flatten(b_section, f"{section}.")
     for key in sorted(set(a) | set(b)):
       if section == "model" and key.split(".", 1)[1] in COMPUTE_ONLY_MODEL_FIELDS:
         continue
@@ -234,6 +311,11 @@ def config_mismatches(saved_config, config) -> list[str]:
         a[key] = ADDED_FIELD_DEFAULTS[key]
       if a.get(key, missing) != b.get(key, missing):
         diffs.append(f"{key}: checkpoint {a.get(key, missing)!r} != config {b.get(key, missing)!r}")
+  allow_seed = bool((current.get("checkpoint") or {}).get("allow_seed_change", False))
+  if "seed" in saved and "seed" in current and saved["seed"] != current["seed"] and not allow_seed:
+    diffs.append(f"seed: checkpoint {saved['seed']!r} != config {current['seed']!r} (it sets the "
+                 "data order and every random stream; --config.checkpoint.allow_seed_change="
+                 "True to resume anyway)")
   return diffs
 
 
@@ -245,30 +327,168 @@ def _with_shardings(abstract_state: PyTree, state_shardings: PyTree | None) -> P
       abstract_state, state_shardings)
 
 
+class DamagedCheckpoint(Exception):
+  """A stored step cannot be read back as it was written (its files are damaged)."""
+
+
+def _chain(e: BaseException) -> str:
+  parts, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    parts.append(f"{type(e).__name__}: {e}")
+    e = e.__cause__ or e.__context__
+  return " <- ".join(parts)
+
+
+def _short(text: str, limit: int = 300) -> str:
+  text = errors.one_line(text)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_transient(e: BaseException) -> bool:
+  """A read error worth retrying: a timeout, an unavailable or throttling storage service."""
+  if isinstance(e, (TimeoutError, ConnectionError)):
+    return True
+  text = _chain(e)
+  return any(m in text for m in TRANSIENT_MARKERS)
+
+
+def is_damage(e: BaseException) -> bool:
+  """A read error that means the stored files are damaged (not a bug, not a transient error)."""
+  if isinstance(e, (DamagedCheckpoint, FileNotFoundError, json.JSONDecodeError,
+                    UnicodeDecodeError)):
+    return True
+  text = _chain(e)
+  return any(m in text for m in DAMAGE_MARKERS)
+
+
+def step_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  return epath.Path(manager.directory) / str(int(step))
+
+
+def _read_json(path: epath.Path, what: str) -> dict:
+  try:
+    text = path.read_text()
+  except FileNotFoundError as e:
+    raise DamagedCheckpoint(f"{what} {path} is missing") from e
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DamagedCheckpoint(f"{what} {path} is not valid JSON ({e}; {len(text)} bytes)") from e
+  if not isinstance(value, dict):
+    raise DamagedCheckpoint(f"{what} {path} holds a {type(value).__name__}, not an object")
+  return value
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON meta of step `step`; DamagedCheckpoint if it is missing or not JSON."""
+  return _read_json(step_directory(manager, step) / META / "metadata", "meta file")
+
+
+def _read_state(manager, step: int, target: PyTree) -> PyTree:
+  """Reads step `step`'s arrays into `target`'s shardings; this process's shards only.
+
+  Uses the handler directly, not `manager.restore`: Orbax's restore ends with a barrier of all
+  processes, which a process whose read failed never reaches (the others would hang).
+  """
+  directory = step_directory(manager, step) / STATE
+  _read_json(directory / "_METADATA", "array metadata")
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.restore(directory, args=ocp.args.StandardRestore(target))
+  finally:
+    handler.close()
+
+
+def _with_retries(fn: Callable[[], Any], what: str, attempts: int = RESTORE_ATTEMPTS,
+                  sleep: Callable[[float], None] = time.sleep):
+  """fn(), retried on transient errors (bounded; the last one is raised)."""
+  for attempt in range(attempts):
+    try:
+      return fn()
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_transient(e) or attempt == attempts - 1:
+        raise
+      logging.warning("%s: transient error (attempt %d of %d), retrying: %s", what,
+                      attempt + 1, attempts, _short(str(e)))
+      sleep(2.0 ** attempt)
+
+
+def verify(state: PyTree, meta: Mapping[str, Any], where: str) -> None:
+  """Raises DamagedCheckpoint if `state` differs from the checksums in `meta` or is not finite.
+
+  A collective on several processes (the checksums are global reductions): call it on every
+  process, and only once every process has read its shards.
+  """
+  restored = integrity.summarize(state)
+  saved = meta.get(INTEGRITY)
+  if saved is not None:
+    bad = integrity.mismatches(saved, restored)
+    if bad:
+      raise DamagedCheckpoint(f"{where}: checksum mismatch in {len(bad)} array(s): "
+                              f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
+  if restored["nonfinite"]:
+    raise DamagedCheckpoint(f"{where}: non-finite values in {', '.join(restored['nonfinite'][:3])}")
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree,
             state_shardings: PyTree | None = None) -> tuple[PyTree, dict]:
-  """Restores step `step` into the given shardings; returns (state, meta)."""
+  """Restores step `step` into the given shardings and verifies it; returns (state, meta).
+
+  Raises DamagedCheckpoint (or the storage error) if the step cannot be read back as written.
+  On several processes, every process must call it (the verification is a collective); a read
+  error on one process is not seen by the others: `restore_or_init` agrees on the outcome first.
+  """
+  where = f"checkpoint step {step} ({step_directory(manager, step)})"
+  meta = _with_retries(lambda: read_meta(manager, step), where)
   target = _with_shardings(abstract_state, state_shardings)
-  restored = manager.restore(
-      step,
-      args=ocp.args.Composite(**{
-          STATE: ocp.args.StandardRestore(target),
-          META: ocp.args.JsonRestore(),
-      }),
-  )
-  return restored[STATE], dict(restored[META])
+  state = _with_retries(lambda: _read_state(manager, step, target), where)
+  verify(state, meta, where)
+  return state, meta
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   """Reads only the JSON meta of step `step`."""
-  restored = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-  return dict(restored[META])
+  return read_meta(manager, step)
+
+
+def _all_processes_agree(code: int) -> int:
+  """The largest outcome code over all processes (0 = ok); a collective when multi-process."""
+  if jax.process_count() == 1:
+    return code
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  codes = multihost_utils.process_allgather(np.asarray(code, np.int32))
+  return int(np.max(codes))
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  """Moves `checkpoints/<step>` to `<workdir>/corrupt/<step>` (never deletes it); process 0."""
+  source = step_directory(manager, step)
+  corrupt = epath.Path(manager.directory).parent / CORRUPT
+  corrupt.mkdir(parents=True, exist_ok=True)
+  target = corrupt / str(step)
+  n = 1
+  while target.exists():
+    n += 1
+    target = corrupt / f"{step}.{n}"
+  source.rename(target)
+  return target
+
+
+_OK, _DAMAGED, _REFUSED = 0, 1, 2
 
 
 def restore_or_init(manager: ocp.CheckpointManager, abstract_state: PyTree,
                     state_shardings: PyTree | None, init_fn: Callable[[], PyTree],
                     config) -> tuple[PyTree, dict]:
-  """Resumes from the latest checkpoint of `manager`, or initialises a fresh state.
+  """Resumes from the latest intact checkpoint of `manager`, or initialises a fresh state.
+
+  Falling back (`config.checkpoint.fallback`, default True): if the latest step is damaged
+  (missing or unreadable meta or array metadata, an array that cannot be read or decoded, a
+  checksum mismatch, non-finite values), all processes agree on that, one line names the step
+  and the cause, process 0 moves it to `<workdir>/corrupt/<step>/`, and the previous step is
+  tried. Transient storage errors are retried (RESTORE_ATTEMPTS), never taken for damage.
+  With fallback off a damaged latest step is a UserError (exit code 2 on the command line).
 
   Args:
     manager: from `create_manager`.
@@ -278,31 +498,78 @@ def restore_or_init(manager: ocp.CheckpointManager, abstract_state: PyTree,
       if `abstract_state` already carries shardings.
     init_fn: called with no arguments when there is no checkpoint; returns the initial state
       (already sharded).
-    config: the run's config; its model and diffusion sections must match the checkpoint's
-      (except the compute-only model fields in COMPUTE_ONLY_MODEL_FIELDS).
+    config: the run's config; its model and diffusion sections and seed must match the
+      checkpoint's (see `config_mismatches`).
 
   Returns:
     (state, meta): meta = the saved JSON dict (step, data_position, config, ...), or
     {"step": 0, "data_position": 0} for a fresh state.
 
   Raises:
-    ValueError: the checkpoint was written with a different model or diffusion config.
+    UserError: the checkpoint was written with a different config, or it is damaged and
+      fallback is off, or every checkpoint was damaged.
   """
-  step = latest_step(manager)
-  if step is None:
+  fallback = True
+  if config is not None and "checkpoint" in config:
+    fallback = bool(_field(config.checkpoint, "fallback", True))
+  manager.reload()
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return init_fn(), {"step": 0, "data_position": 0}
-  meta = restore_meta(manager, step)
-  if "config" in meta and config is not None:
-    diffs = config_mismatches(meta["config"], config)
-    if diffs:
+  target = _with_shardings(abstract_state, state_shardings)
+  moved = []
+  for step in steps:
+    where = f"checkpoint step {step} ({step_directory(manager, step)})"
+    code, cause, state, meta = _OK, None, None, None
+    try:  # This process's part: the meta, the config check, its shards.
+      meta = _with_retries(lambda: read_meta(manager, step), where)  # pylint: disable=cell-var-from-loop
+      if "config" in meta and config is not None:
+        diffs = config_mismatches(meta["config"], config)
+        if diffs:
+          code, cause = _REFUSED, (
+              f"The checkpoint at {step_directory(manager, step)} was written with a different "
+              f"config; differing fields: " + "; ".join(diffs) + ". Use a new --workdir, or "
+              "resume with the checkpoint's values.")
+      if code == _OK:
+        state = _with_retries(lambda: _read_state(manager, step, target), where)  # pylint: disable=cell-var-from-loop
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_damage(e):
+        raise
+      code, cause = _DAMAGED, _short(f"{e}" if isinstance(e, DamagedCheckpoint) else _chain(e))
+    agreed = _all_processes_agree(code)
+    if agreed == _REFUSED:
+      raise errors.UserError(cause or f"{where}: refused on another process (config mismatch).")
+    if agreed == _OK:
+      try:
+        verify(state, meta, where)  # Global checksums: every process gets the same answer.
+      except DamagedCheckpoint as e:
+        agreed, cause = _DAMAGED, str(e)
+    if agreed == _OK:
+      if int(meta.get("step", step)) != step:
+        raise errors.UserError(f"{where}: meta['step']={meta['step']} differs from its step.")
+      if moved:
+        logging.warning("Resuming from checkpoint step %d; damaged steps %s are in %s.", step,
+                        moved, epath.Path(manager.directory).parent / CORRUPT)
+      return state, meta
+    cause = cause or "damaged as read by another process"
+    del state
+    if not fallback:
       raise errors.UserError(
-          f"The checkpoint at {manager.directory / str(step)} was written with a different "
-          f"model/diffusion config; differing fields: " + "; ".join(diffs) +
-          ". Use a new --workdir, or resume with the checkpoint's values.")
-  state, meta = restore(manager, step, abstract_state, state_shardings)
-  if int(meta.get("step", step)) != step:
-    raise ValueError(f"Checkpoint {step}: meta['step']={meta['step']} differs from its step.")
-  return state, meta
+          f"{where} is damaged: {cause}. config.checkpoint.fallback=False: stopping. Move the "
+          "step aside (or set --config.checkpoint.fallback=True) to resume from the previous "
+          "one.")
+    logging.error("Checkpoint step %d is damaged (%s); moving it to %s and trying the previous "
+                  "step.", step, cause, epath.Path(manager.directory).parent / CORRUPT / str(step))
+    if jax.process_index() == 0:
+      move_aside(manager, step)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"dit_jax: moved aside damaged step {step}")
+    moved.append(step)
+    manager.reload()
+  raise errors.UserError(
+      f"Every checkpoint in {manager.directory} is damaged (steps {moved}, moved to "
+      f"{epath.Path(manager.directory).parent / CORRUPT}); rerunning starts from scratch.")
 
 
 def load_on_host(workdir: str, step: int | None = None) -> tuple[PyTree, dict]:

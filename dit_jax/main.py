@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 
 import logging as std_logging
 
@@ -40,6 +41,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from dit_jax import checkpointing
 from dit_jax import errors
 from dit_jax import sharding
 from dit_jax import train
@@ -102,10 +104,17 @@ def detected_cluster(environ) -> str | None:
 
 
 class _NoLibraryInfo(std_logging.Filter):
-  """Drops INFO records of chatty libraries (Orbax logs every stage of every save)."""
+  """Drops INFO records of chatty libraries (Orbax logs every stage of every save) and the
+  tracebacks of their error records (one failed save logs the same traceback from each of its
+  threads; the run's own error names the cause)."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.levelno >= std_logging.ERROR and record.exc_info:
+      record.msg = f"{record.getMessage()}: {errors.one_line(record.exc_info[1])}"
+      record.args, record.exc_info, record.exc_text = (), None, None
+    return record.levelno >= std_logging.WARNING
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -170,6 +179,16 @@ def _cli(argv: list[str]) -> int:
     app.run(_train, argv=sys.argv, flags_parser=parse_flags)
   except SystemExit as e:  # app.run ends with sys.exit(main's value).
     return 0 if e.code is None else e.code
+  except checkpointing.SaveError as e:
+    # The real error as the last line, without the pages that Orbax's background threads and
+    # event loops print while the interpreter shuts down after a failed save.
+    if "--debug" in saved:
+      traceback.print_exc()
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    std_logging.shutdown()
+    os._exit(1)  # pylint: disable=protected-access
   finally:
     sys.argv = saved
   return 0

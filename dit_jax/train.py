@@ -47,6 +47,7 @@ from dit_jax import sample_files
 from dit_jax import sampling
 from dit_jax import sharding
 from dit_jax import train_state as ts
+from dit_jax import workdir_lock
 from dit_jax.data import latent_cache
 from dit_jax.models import DiT, variants
 
@@ -242,16 +243,36 @@ def setup_state(config, model, tx, mesh, input_shape):
   return (lambda: ts.init_state(init_fn, init_rng, shardings)), abstract, shardings
 
 
-def _check_finite(step: int, host_metrics: dict, workdir, manager) -> None:
+def _check_finite(step: int, host_metrics: dict, workdir, manager, config_optimizer=None) -> None:
+  """Stops on a non-finite loss or gradient norm, naming the checkpoint a rerun resumes from."""
   bad = {k: v for k, v in host_metrics.items()
          if k in ("train/loss", "train/grad_norm") and not np.isfinite(v)}
-  if bad:
-    checkpointing.wait(manager)  # Let a save in flight (of an earlier, finite state) finish.
-    latest = checkpointing.latest_step(manager)
-    raise FloatingPointError(
-        f"Non-finite training metrics at step {step}: {bad}. Stopping without saving; the last "
-        f"good checkpoint (step {latest}) stays in {epath.Path(workdir) / 'checkpoints'}. "
-        "Lower config.optimizer.learning_rate, add warmup_steps or grad_clip_norm, and resume.")
+  if not bad:
+    return
+  checkpointing.wait(manager)  # Let a save in flight (of an earlier, finite state) finish.
+  latest = checkpointing.latest_step(manager)
+  if latest is None:
+    kept = f"no checkpoint was saved yet in {checkpointing.checkpoint_directory(str(workdir))}"
+  else:
+    where = checkpointing.step_directory(manager, latest)
+    saved = checkpointing.read_meta(manager, latest).get(checkpointing.INTEGRITY) or {}
+    if saved.get("nonfinite"):
+      kept = (f"the latest checkpoint, step {latest} ({where}), holds non-finite values "
+              f"({', '.join(saved['nonfinite'][:3])}): move it aside to resume from an "
+              "earlier step")
+    else:
+      kept = (f"a rerun resumes from the latest checkpoint, step {latest} ({where}), "
+              "finite when saved" + ("" if saved else " (no checksums recorded)"))
+  advice = []
+  if config_optimizer is not None:
+    advice.append("lower config.optimizer.learning_rate")
+    if not int(config_optimizer.get("warmup_steps") or 0):
+      advice.append("set config.optimizer.warmup_steps")
+    if not float(config_optimizer.get("grad_clip_norm") or 0.0):
+      advice.append("set config.optimizer.grad_clip_norm")
+  raise FloatingPointError(
+      f"Non-finite training metrics at step {step}: {bad}. Stopping without saving; {kept}."
+      + (f" If it recurs after resuming: {', '.join(advice)}." if advice else ""))
 
 
 def _restore_guide(manager, guide_step: int, abstract_state, state_shardings):
@@ -294,6 +315,18 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
     raise errors.UserError(f"--workdir={workdir} is a file, not a directory.")
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
+  # One training run per workdir (process 0 holds the lease; readers never take it).
+  with workdir_lock.hold(workdir, config.checkpoint.get("lock_lease_secs", 0.0)) as lock:
+    return _train(config, workdir, mesh, guide_step, encode_fn, decode_fn, vae_params, lock)
+
+
+def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
+           encode_fn: EncodeFn | None, decode_fn: DecodeFn | None, vae_params: PyTree,
+           lock: workdir_lock.WorkdirLock | None) -> ts.TrainState:
+  """The body of `train_and_evaluate`, run while this run holds the workdir's lock."""
+  is_main = jax.process_index() == 0
+  global_batch_size = int(config.global_batch_size)
+  total_steps = int(config.total_steps)
   logging.info("Mesh %s on %d processes (%s).", dict(mesh.shape), jax.process_count(),
                mesh.devices.flat[0].device_kind)
 
@@ -394,7 +427,7 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
     should_save = manager.should_save(step)
     if step % log_every == 0 or step == total_steps or should_save:
       host_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      _check_finite(step, host_metrics, workdir, manager)
+      _check_finite(step, host_metrics, workdir, manager, config.optimizer)
     if step % log_every == 0 or step == total_steps:
       host_metrics.update(throughput.measure(step))
       if is_main:
@@ -403,6 +436,8 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
         metrics_lib.log_scalars(step, host_metrics)
     with throughput.pause():
       if should_save:
+        if lock is not None:
+          lock.check()  # Never write a workdir another run has taken over.
         checkpointing.save(manager, step, state, make_meta(step))
       if sample_every and step % sample_every == 0:
         write_grid(step)

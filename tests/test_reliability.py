@@ -1,0 +1,409 @@
+"""A damaged checkpoint is set aside and the previous one resumed; one run per workdir; a full
+disk ends the run with the real error.
+
+In-process (toy state, fast): each damage (truncated array file, deleted `_METADATA`, truncated
+meta JSON, flipped bytes, one flipped bit) makes `restore_or_init` fall back to the previous
+step bit for bit and keep the damaged step in `<workdir>/corrupt/`; with fallback off it is one
+UserError and nothing moves; a transient read error is retried, a bug is raised; the checksums
+themselves; the workdir lock's lease (fake clock).
+
+End to end (`python -m dit_jax.main` on configs/testing.py, subprocesses): a straight run 0 -> 6
+(checkpoints 2, 4, 6) is the reference.
+  * damaged: steps 6 (one flipped bit) and 4 (no `_METADATA`) damaged -> resumes at 2, trains to
+    6, bit-identical to the straight run; with fallback off: exit code 2, one line.
+  * two processes (jax.distributed, FSDP over both): a damage that only process 1 sees (its
+    reads fail, simulated) makes both processes fall back together.
+  * lock: a second run exits at once naming the first (host, PID); after kill -9 of the first
+    and its lease (3 s), a new run takes over and ends bit-identical to the straight run.
+  * disk full (a 1.2 MB tmpfs; skipped where mounting is not permitted): the async save of step 4
+    fails; the last line of stderr is the real error; step 2 is intact.
+"""
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dit_jax import checkpointing
+from dit_jax import integrity
+from dit_jax import workdir_lock
+from dit_jax.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOTAL_STEPS = 6
+OVERRIDES = [
+    f"--config.total_steps={TOTAL_STEPS}",
+    "--config.checkpoint.save_every_steps=2",
+    "--config.checkpoint.max_to_keep=10",
+    "--config.logging.sample_every_steps=0",
+    "--config.sample.final_num_samples_per_class=0",
+]
+
+
+# ---------------------------------------------------------------------------- damage helpers
+
+
+def _largest_array_file(step_dir: pathlib.Path, process: int = 0) -> pathlib.Path:
+  files = list((step_dir / "state" / f"ocdbt.process_{process}" / "d").iterdir())
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  f = _largest_array_file(step_dir)
+  f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+
+
+def _delete_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").unlink()
+
+
+def _truncate_meta(step_dir):
+  f = step_dir / "meta" / "metadata"
+  f.write_text(f.read_text()[:40])
+
+
+def _flip_bytes(step_dir):
+  f = _largest_array_file(step_dir)
+  data = bytearray(f.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 16):
+    data[i] ^= 0xFF
+  f.write_bytes(bytes(data))
+
+
+def _flip_bit(step_dir):
+  f = _largest_array_file(step_dir)
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  f.write_bytes(bytes(data))
+
+
+DAMAGES = {"truncated array file": _truncate, "deleted _METADATA": _delete_metadata,
+           "truncated meta JSON": _truncate_meta, "flipped bytes": _flip_bytes,
+           "one flipped bit": _flip_bit}
+
+
+# ------------------------------------------------------------------------------- in-process
+
+
+def _toy(step):
+  rng = np.random.default_rng(step)
+  # Large enough that the array data lands in its own (compressed) file.
+  return {"w": jnp.asarray(rng.standard_normal((128, 96)), jnp.float32),
+          "b": jnp.asarray(rng.standard_normal((96,)), jnp.bfloat16),
+          "step": jnp.asarray(step, jnp.int32)}
+
+
+def _section(**kw):
+  return dict(save_every_steps=1, max_to_keep=5, keep_every_steps=0, async_save=False, **kw)
+
+
+class _Config(dict):
+  """A minimal config: the checkpoint section (fallback) and nothing to compare."""
+
+  def __init__(self, fallback=True):
+    super().__init__(checkpoint=_section(fallback=fallback))
+    self.checkpoint = self["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def toy_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("toy")
+  manager = checkpointing.create_manager(str(workdir), _section())
+  for step in (1, 2):
+    assert checkpointing.save(manager, step, _toy(step),
+                              {"step": step, "data_position": step, "config": "{}"})
+  checkpointing.wait(manager)
+  manager.close()
+  return workdir
+
+
+def _restore(workdir, fallback=True):
+  manager = checkpointing.create_manager(str(workdir), _section())
+  abstract = jax.eval_shape(lambda: _toy(0))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return manager, checkpointing.restore_or_init(
+      manager, abstract, jax.tree.map(lambda _: device, abstract),
+      lambda: pytest.fail("initialised instead of falling back"), _Config(fallback))
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_latest_step_falls_back_to_the_previous(tmp_path, toy_workdir, damage):
+  workdir = tmp_path / "w"
+  shutil.copytree(toy_workdir, workdir)
+  DAMAGES[damage](workdir / "checkpoints" / "2")
+
+  with pytest.raises(UserError, match=r"checkpoint step 2 .* is damaged: .*fallback=False"):
+    _restore(workdir, fallback=False)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+
+  manager, (state, meta) = _restore(workdir)
+  assert meta["step"] == 1
+  for key, value in _toy(1).items():
+    assert state[key].dtype == value.dtype
+    np.testing.assert_array_equal(np.asarray(state[key]), np.asarray(value))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1"]
+  assert (workdir / "corrupt" / "2" / "state").is_dir()  # Kept aside, never deleted.
+  assert checkpointing.latest_step(manager) == 1
+
+
+def test_transient_errors_are_retried_and_bugs_raised(tmp_path, toy_workdir, monkeypatch):
+  workdir = tmp_path / "w"
+  shutil.copytree(toy_workdir, workdir)
+  read_state = checkpointing._read_state  # pylint: disable=protected-access
+  calls = []
+
+  def flaky(*args):
+    calls.append(1)
+    if len(calls) == 1:
+      raise ValueError("UNAVAILABLE: simulated storage timeout")
+    return read_state(*args)
+
+  monkeypatch.setattr(checkpointing, "_read_state", flaky)
+  monkeypatch.setattr(checkpointing.time, "sleep", lambda s: None)
+  _, (state, meta) = _restore(workdir)
+  assert meta["step"] == 2 and len(calls) == 2
+  assert not (workdir / "corrupt").exists()
+
+  def bug(*args):
+    raise TypeError("a genuine bug")
+
+  monkeypatch.setattr(checkpointing, "_read_state", bug)
+  with pytest.raises(TypeError, match="genuine bug"):
+    _restore(workdir)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_checksums_are_mesh_independent_and_see_one_bit():
+  x = np.random.default_rng(0).standard_normal((64, 24)).astype(np.float32)
+  tree = {"a": jnp.asarray(x), "b": jnp.asarray(x, jnp.bfloat16), "n": jnp.int32(7)}
+  mesh = jax.make_mesh((8,), ("f",))
+  P = jax.sharding.PartitionSpec
+  sharded = jax.device_put(tree, {"a": jax.sharding.NamedSharding(mesh, P("f")),
+                                  "b": jax.sharding.NamedSharding(mesh, P(None, "f")),
+                                  "n": jax.sharding.NamedSharding(mesh, P())})
+  summary = integrity.summarize(tree)
+  assert integrity.summarize(sharded) == summary
+  assert summary["leaves"][0] == ["['a']", int(x.view(np.uint32).astype(np.uint64).sum() % 2**32)]
+  flipped = x.copy()
+  flipped.view(np.uint32)[5, 3] ^= 1 << 31
+  assert integrity.mismatches(summary, integrity.summarize(dict(tree, a=jnp.asarray(flipped)))) \
+      == ["['a']"]
+  assert integrity.summarize(dict(tree, a=tree["a"].at[0, 0].set(jnp.inf)))["nonfinite"] == [
+      "['a']"]
+
+
+def test_lock_lease(tmp_path):
+  now = [1000.0]
+  clock = lambda: now[0]  # noqa: E731
+  first = workdir_lock.acquire(tmp_path, 10.0, settle_secs=0, clock=clock)
+  try:
+    with pytest.raises(workdir_lock.WorkdirLocked,
+                       match=rf"in use by another training run \(host '.*', PID {os.getpid()}, "
+                             r"started .* UTC, last heartbeat 0s ago \(lease 10s\)\)"):
+      workdir_lock.acquire(tmp_path, 10.0, settle_secs=0, clock=clock)
+  finally:
+    first._stop.set()  # A dead run: no more heartbeats.  pylint: disable=protected-access
+  now[0] += 11.0
+  second = workdir_lock.acquire(tmp_path, 10.0, settle_secs=0, clock=clock)
+  first.check()  # The first run only notices at its next heartbeat...
+  first.lost = "taken over"
+  with pytest.raises(workdir_lock.WorkdirLocked, match="lost its workdir lock"):
+    first.check()
+  first.release()  # ...and never removes a lock it no longer holds.
+  assert workdir_lock._read(tmp_path / workdir_lock.LOCK_FILE)["token"] == \
+      second.record["token"]  # pylint: disable=protected-access
+  second.release()
+  assert not (tmp_path / workdir_lock.LOCK_FILE).exists()
+
+
+def test_resume_check_resolves_the_variant_and_checks_the_seed():
+  saved = {"seed": 0, "model": {"variant": "XL/2", "mlp_ratio": None, "depth": None},
+           "diffusion": {}}
+  same = {"seed": 0, "model": {"variant": "DiT-XL/2", "mlp_ratio": 4.0, "depth": 28},
+          "diffusion": {}}
+  assert checkpointing.config_mismatches(saved, same) == []
+  changed = dict(same, seed=1, model=dict(same["model"], mlp_ratio=2.0))
+  diffs = checkpointing.config_mismatches(saved, changed)
+  assert diffs[0] == "model.mlp_ratio: checkpoint 4.0 != config 2.0"
+  assert diffs[1].startswith("seed: checkpoint 0 != config 1")
+  allowed = dict(changed, model=same["model"], checkpoint={"allow_seed_change": True})
+  assert checkpointing.config_mismatches(saved, allowed) == []
+
+
+# ------------------------------------------------------------------------------ end to end
+
+_WRAPPER = textwrap.dedent("""
+    # Runs dit_jax.main; with HOLD_AFTER=<step>, after that step's save is on disk prints
+    # HOLDING and sleeps (a live run holding the workdir, to be killed with SIGKILL).
+    # FAIL_READ_STEP: see below.
+    import os, runpy, sys, time
+    import orbax.checkpoint as ocp
+    hold = int(os.environ.get("HOLD_AFTER", "-1"))
+    _save = ocp.CheckpointManager.save
+    def save(self, step, *args, **kwargs):
+      started = _save(self, step, *args, **kwargs)
+      if started and step == hold:
+        self.wait_until_finished()
+        print("HOLDING", flush=True)
+        time.sleep(600)
+      return started
+    ocp.CheckpointManager.save = save
+    # With FAIL_READ_STEP=<step>, this process (only) finds that step's arrays damaged.
+    fail = int(os.environ.get("FAIL_READ_STEP", "-1"))
+    from dit_jax import checkpointing
+    _read_state = checkpointing._read_state
+    def read_state(manager, step, target):
+      if step == fail:
+        raise ValueError(f"DATA_LOSS: simulated damage of step {step} seen by this process")
+      return _read_state(manager, step, target)
+    checkpointing._read_state = read_state
+    sys.argv = ["dit_jax.main"] + sys.argv[1:]
+    runpy.run_module("dit_jax.main", run_name="__main__", alter_sys=True)
+""")
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-c", _WRAPPER, f"--config={REPO / 'configs' / 'testing.py'}",
+          f"--workdir={workdir}", *OVERRIDES, *extra]
+
+
+def _run(workdir, *extra, expect=0, env=None):
+  proc = subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=env or dict(os.environ),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == expect, proc.stderr[-5000:]
+  return proc
+
+
+def _last_line(stderr: str) -> str:
+  return stderr.strip().splitlines()[-1]
+
+
+def _assert_same_checkpoint(workdir_a, workdir_b, step):
+  state_a, meta_a = checkpointing.load_on_host(str(workdir_a), step)
+  state_b, meta_b = checkpointing.load_on_host(str(workdir_b), step)
+  assert meta_a["data_position"] == meta_b["data_position"]
+  assert meta_a[checkpointing.INTEGRITY] == meta_b[checkpointing.INTEGRITY]
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  _run(workdir)
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
+  return workdir
+
+
+def test_damaged_checkpoints_resume_bit_identically(tmp_path, straight):
+  workdir = tmp_path / "run"
+  shutil.copytree(straight, workdir)
+  ckpts = workdir / "checkpoints"
+  _flip_bit(ckpts / "6")  # Loads silently without checksums.
+  _delete_metadata(ckpts / "4")
+
+  off = _run(workdir, "--config.checkpoint.fallback=False", expect=2)
+  assert _last_line(off.stderr).startswith(
+      f"python -m dit_jax.main: error: checkpoint step 6 ({ckpts / '6'}) is damaged: ")
+  assert "checksum mismatch" in _last_line(off.stderr) and "Traceback" not in off.stderr
+  assert not (workdir / "corrupt").exists()
+
+  proc = _run(workdir)
+  assert "Checkpoint step 6 is damaged (checkpoint step 6" in proc.stderr
+  assert "Checkpoint step 4 is damaged (array metadata" in proc.stderr
+  assert "Resuming from checkpoint step 2" in proc.stderr
+  assert sorted(p.name for p in (workdir / "corrupt").iterdir()) == ["4", "6"]
+  _assert_same_checkpoint(straight, workdir, TOTAL_STEPS)
+
+
+def test_second_run_refused_and_dead_run_taken_over(tmp_path, straight):
+  workdir = tmp_path / "run"
+  lease = "--config.checkpoint.lock_lease_secs=3"
+  env = dict(os.environ, HOLD_AFTER="2")
+  first = subprocess.Popen(_cmd(workdir, lease), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+  try:
+    assert first.stdout.readline().strip() == "HOLDING"
+    second = _run(workdir, lease, expect=2)
+    last = _last_line(second.stderr)
+    assert "is in use by another training run" in last and f"PID {first.pid}," in last, last
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  time.sleep(3.5)  # The dead run's lease expires.
+  third = _run(workdir, lease)
+  assert "Taking over the expired workdir lock of a dead run" in third.stderr
+  assert "Resumed at step 2" in third.stderr
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()
+  _assert_same_checkpoint(straight, workdir, TOTAL_STEPS)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+  mount = tmp_path / "tmpfs"
+  mount.mkdir()
+  ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)],
+                      capture_output=True).returncode == 0
+  if not ok:
+    pytest.skip("mounting a tmpfs is not permitted here")
+  try:
+    yield mount
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_full_ends_with_the_real_error(small_tmpfs, straight):
+  workdir = small_tmpfs / "run"
+  proc = _run(workdir, "--config.checkpoint.async_save=True", expect=1)
+  last = _last_line(proc.stderr)
+  assert last.startswith(f"python -m dit_jax.main: error: saving checkpoint step 4 to "
+                         f"{workdir / 'checkpoints' / '4'} failed; earlier checkpoints are "
+                         "intact."), last
+  assert "No space left on device" in last
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+  assert len(proc.stderr.splitlines()) < 40
+  _assert_same_checkpoint(straight, workdir, 2)
+
+
+def test_two_processes_fall_back_together(tmp_path):
+  import test_multihost as mh  # pylint: disable=import-outside-toplevel  (its set-up)
+  workdir = tmp_path / "multi"
+  extra = ["--config.total_steps=4", "--config.mesh.data=1", "--config.mesh.fsdp=4"]
+
+  def run_both(name, fail_on_process_1=None):
+    address = f"127.0.0.1:{mh._free_port()}"  # pylint: disable=protected-access
+    procs = {}
+    for i in range(2):
+      env = mh._env(2)  # pylint: disable=protected-access
+      if i == 1 and fail_on_process_1 is not None:
+        env["FAIL_READ_STEP"] = str(fail_on_process_1)
+      log = open(tmp_path / f"{name}_{i}.log", "w")
+      procs[f"process {i}"] = p = subprocess.Popen(
+          _cmd(workdir, *extra, f"--coordinator_address={address}", "--num_processes=2",
+               f"--process_id={i}"),
+          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+      p.log = log.name
+    mh._wait_all(procs)  # pylint: disable=protected-access
+    return [pathlib.Path(p.log).read_text() for p in procs.values()]
+
+  run_both("first")
+  before, _ = checkpointing.load_on_host(str(workdir), 4)
+  # Step 4 is intact, but process 1 reads it as damaged (as a torn read of its own shards
+  # would be): both processes must still decide together.
+  logs = run_both("second", fail_on_process_1=4)
+  assert "Checkpoint step 4 is damaged (ValueError: DATA_LOSS: simulated damage" in logs[1]
+  assert "Checkpoint step 4 is damaged (damaged as read by another process)" in logs[0]
+  for log in logs:
+    assert "Resumed at step 2" in log
+  assert sorted(p.name for p in (workdir / "corrupt").iterdir()) == ["4"]
+  after, _ = checkpointing.load_on_host(str(workdir), 4)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    assert np.array_equal(a, b)
