@@ -148,7 +148,7 @@ def test_same_images_on_1_2_8_devices_and_after_sigkill(tmp_path, files):
   killed.send_signal(signal.SIGKILL)
   killed.wait()
   written = len(list(shards.glob("0*.npz")))
-  assert 2 <= written < 32 and not (tmp_path / "d2.npz").exists(), written
+  assert 2 <= written < 16 and not (tmp_path / "d2.npz").exists(), written  # 8 rounds x 2.
   restarted = _run(files, tmp_path / "d2.npz", 2)
   for proc in (one, restarted):
     _, err = proc.communicate(timeout=300)
