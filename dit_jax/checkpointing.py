@@ -594,3 +594,34 @@ def load_on_host(workdir: str, step: int | None = None) -> tuple[PyTree, dict]:
   state, meta = restore(manager, step, target)
   manager.close()
   return jax.tree.map(np.asarray, state), meta
+
+
+def load_params_on_host(workdir: str, step: int | None = None,
+                        key: str = "ema_params") -> tuple[PyTree, dict, int]:
+  """Only `state.<key>` (e.g. the EMA parameters) of a checkpoint, as numpy: (tree, meta, step).
+
+  Like `load_on_host`, read-only (no lock, nothing written), but the optimizer state and the
+  other parameter copy are never read: a sampler of DiT-XL/2 reads 2.7 GB, not 10.8 GB.
+  """
+  directory = checkpoint_directory(workdir)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  manager = ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(), META: ocp.JsonCheckpointHandler()})
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f"No finalized checkpoint {'' if step is None else step} in "
+                            f"{directory} (saved steps: {sorted(manager.all_steps())}).")
+  tree = manager.item_metadata(step)[STATE].tree
+  if key not in tree:
+    raise KeyError(f"checkpoint {directory / str(step)} has no {key!r}; it has {sorted(tree)}")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              tree[key])}
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                    partial_restore=True),
+      META: ocp.args.JsonRestore()}))
+  manager.close()
+  return jax.tree.map(np.asarray, restored[STATE][key]), dict(restored[META]), int(step)

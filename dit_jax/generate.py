@@ -134,22 +134,22 @@ def load_official(path, *, variant: str, input_size: int,
 def load_workdir(workdir, *, step: int | None = None, which: str = "ema") -> Loaded:
   """The EMA (or `which="params"`) parameters of a dit_jax run's checkpoint (default latest).
 
-  Reads with `checkpointing.load_on_host` (a read-only manager: no lock, no write).
+  Reads only those with `checkpointing.load_params_on_host` (read-only: no lock, no write).
   """
   from dit_jax import train  # pylint: disable=import-outside-toplevel
   require(checkpointing.checkpoint_directory(str(workdir)), "--workdir checkpoints")
   if which not in ("ema", "params"):
     raise UserError(f"--params {which!r}: expected 'ema' or 'params'")
   try:
-    state, meta = checkpointing.load_on_host(str(workdir), step)
-  except FileNotFoundError as e:
+    params, meta, step = checkpointing.load_params_on_host(
+        str(workdir), step, "ema_params" if which == "ema" else "params")
+  except (FileNotFoundError, KeyError) as e:
     raise UserError(str(e)) from None
   config = mc.ConfigDict(json.loads(meta["config"]) if isinstance(meta["config"], str)
                          else meta["config"])
-  params = state["ema_params" if which == "ema" else "params"]
   return Loaded(model=train.build_model(config.model), params=params,
                 diffusion=config.diffusion, checkpoint=f"{workdir}",
-                step=int(meta["step"]), variant=config.model.get("variant"),
+                step=step, variant=config.model.get("variant"),
                 latent=config.get("latent"), image_size=config.data.get("image_size"))
 
 

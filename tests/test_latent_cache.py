@@ -151,6 +151,8 @@ def test_readme_recipe_end_to_end(folder, caches, tmp_path):
   assert set(labels.tolist()) <= {0, 1, 2}
   meta = sample_files.read_meta(out)
   assert (meta["step"], meta["cfg_scale"], meta["num_samples"]) == (2, 1.5, 12)
+  assert sample.main(["--workdir", str(workdir), "--step", "7", "--vae-dir",
+                      str(folder / "vae"), "--out", str(out)]) == 2  # No such checkpoint.
 
 
 def test_readme_recipe_commands_parse():
