@@ -84,6 +84,7 @@ def get_config(arg=None):
   config.data.image_size = 8
   config.data.data_dir = config_dict.placeholder(str)
   config.data.manual_dir = config_dict.placeholder(str)
+  config.data.prepare = False  # Built in: nothing to prepare.
   config.data.split = "train"
   config.data.random_flip = False  # Digits are not mirror-symmetric.
   config.data.num_classes = 10

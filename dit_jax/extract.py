@@ -55,7 +55,7 @@ def _main(argv) -> int:
   if args.per_device_batch <= 0:
     raise UserError(f"--per-device-batch {args.per_device_batch}: must be positive")
   generate.require(args.vae_dir, "--vae-dir")
-  if main_lib.detected_cluster(os.environ):
+  if main_lib.detected_cluster(os.environ) or main_lib.cloud_tpu_pod():
     jax.distributed.initialize()
   config_data = mc.ConfigDict({"name": args.data, "image_size": args.image_size,
                                "data_dir": args.data_dir, "manual_dir": args.manual_dir,

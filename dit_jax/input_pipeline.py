@@ -97,30 +97,31 @@ def create_source(config_data, split: str | None = None) -> Source:
                        f"(8x8 images), got {image_size!r}")
     source = digits.DigitsSource(split)
   elif name == "image_folder":
-    import os  # pylint: disable=g-import-not-at-top
     from dit_jax.data import image_folder  # pylint: disable=g-import-not-at-top
     if not data_dir:
       raise errors.UserError(f"config.data.data_dir is required for image_folder, got {data_dir!r}")
     if image_size is None:
       raise errors.UserError("config.data.image_size is required for image_folder")
-    root = os.path.join(data_dir, split)
-    if not os.path.isdir(root):
+    root = f"{str(data_dir).rstrip('/')}/{split}"
+    if not image_folder.is_dir(root):
       if split != "train":
         raise errors.UserError(
             f"image_folder split {split!r}: {root!r} is not a directory (only split "
             f"'train' may read config.data.data_dir={data_dir!r} itself)")
       root = data_dir
     source = image_folder.ImageFolderSource(root, image_size)
-  elif name == "imagenet2012":
+  elif name == "imagenet2012" or str(name).startswith("tfds:"):
     from dit_jax.data import imagenet  # pylint: disable=g-import-not-at-top
     if image_size is None:
-      raise errors.UserError("config.data.image_size is required for imagenet2012")
+      raise errors.UserError(f"config.data.image_size is required for {name}")
     source = imagenet.TfdsImageSource(
+        name=str(name).removeprefix("tfds:"),
         split="validation" if split == "heldout" else split, image_size=image_size, data_dir=data_dir or None,
         manual_dir=_get(config_data, "manual_dir") or None,
         prepare=bool(_get(config_data, "prepare", True)))
   else:
-    raise errors.UserError(f"config.data.name must be one of {SOURCE_NAMES}, got {name!r}")
+    raise errors.UserError(f"config.data.name must be one of {SOURCE_NAMES} or 'tfds:<name>' "
+                           f"(a TFDS image classification data set), got {name!r}")
   num_classes = _get(config_data, "num_classes")
   if num_classes is not None and num_classes != source.num_classes:
     raise errors.UserError(f"config.data.num_classes={num_classes!r} but the {name} data has "

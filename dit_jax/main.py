@@ -19,7 +19,10 @@ must call `jax.distributed.initialize()` before anything touches the devices. Th
   --distributed=off     never initialise: a single process driving all of its local devices.
   (unset)               initialise iff a flag above is given or the environment shows a
                         multi-process launch (Slurm with several tasks, Open MPI, a multi-host
-                        Cloud TPU slice, JAX_COORDINATOR_ADDRESS): what launch/ relies on.
+                        Cloud TPU slice from TPU_WORKER_HOSTNAMES / MEGASCALE_NUM_SLICES or,
+                        on a TPU VM, from its metadata as JAX's own detection reads it,
+                        JAX_COORDINATOR_ADDRESS). A single-host run never initialises.
+                        launch/tpu_train.sh passes --distributed=auto on multi-host types.
 
 `--distributed=on` forces initialisation with whatever is given or detected.
 
@@ -76,7 +79,7 @@ def distributed_kwargs(mode, coordinator_address, num_processes, process_id):
       raise errors.UserError(f"--distributed=off contradicts the given {sorted(explicit)}.")
     return None
   if mode is None and not explicit:
-    return {} if detected_cluster(os.environ) else None
+    return {} if detected_cluster(os.environ) or cloud_tpu_pod() else None
   return explicit
 
 
@@ -98,8 +101,33 @@ def detected_cluster(environ) -> str | None:
     return "slurm"
   if count("OMPI_COMM_WORLD_SIZE") > 1:
     return "openmpi"
-  if "," in environ.get("TPU_WORKER_HOSTNAMES", ""):
+  if "," in environ.get("TPU_WORKER_HOSTNAMES", "") or "," in environ.get(
+      "TPU_PROCESS_ADDRESSES", ""):
     return "tpu"
+  if count("MEGASCALE_NUM_SLICES") > 1:
+    return "tpu-multislice"
+  return None
+
+
+def cloud_tpu_pod() -> str | None:
+  """"tpu-metadata" on a Cloud TPU VM whose slice has several hosts, else None.
+
+  JAX's own Cloud TPU detection (`jax._src.clusters.GceTpuCluster`): a plain TPU VM's ssh
+  session has no TPU_WORKER_HOSTNAMES, but its metadata server lists the slice's workers. Off
+  a TPU VM (no TPU device files) nothing is queried; on a single-host slice the count is 1,
+  so a single-host run never initialises (nor waits for) a cluster.
+  """
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    if not cloud_tpu_init.running_in_cloud_tpu_vm:
+      return None
+    from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=g-import-not-at-top
+    for cluster in (cloud_tpu_cluster.GkeTpuCluster, cloud_tpu_cluster.GceTpuCluster):
+      if cluster.is_env_present():
+        return "tpu-metadata" if cluster.get_process_count() > 1 else None
+  except Exception as e:  # pylint: disable=broad-except  (private API; metadata may fail)
+    logging.warning("Could not read the TPU slice's workers (%s); not initialising "
+                    "jax.distributed: pass --distributed=auto on a multi-host slice.", e)
   return None
 
 

@@ -200,8 +200,20 @@ def autoguidance_step(config_sample, total_steps: int, save_every_steps: int) ->
   return int(step)
 
 
-def grid_labels(classes, per_class: int) -> np.ndarray:
-  """Labels of a grid: each class repeated `per_class` times (one row per class)."""
+def grid_labels(classes, per_class: int, num_classes: int | None = None) -> np.ndarray:
+  """Labels of a grid: each class repeated `per_class` times (one row per class).
+
+  With `num_classes`, every class must be a real one (0 <= c < num_classes): label
+  num_classes is the null label of classifier-free guidance, larger ones index nothing.
+  """
+  classes = tuple(int(c) for c in classes)
+  if num_classes is not None:
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+      raise errors.UserError(
+          f"config.logging.grid_classes has {bad}, not classes of config.model.num_classes="
+          f"{num_classes} (0..{num_classes - 1}); set --config.logging.grid_classes to a tuple "
+          "of class ids in that range.")
   return np.repeat(np.asarray(classes, np.int32), per_class)
 
 

@@ -39,10 +39,13 @@ import optax
 from dit_jax import checkpointing
 from dit_jax import diffusion as dd
 from dit_jax import errors
+from dit_jax import gcs
 from dit_jax import images as image_lib
 from dit_jax import input_pipeline
 from dit_jax import latent
 from dit_jax import metrics as metrics_lib
+from dit_jax import preemption
+from dit_jax import prepare as data_prepare
 from dit_jax import sample_files
 from dit_jax import sampling
 from dit_jax import sharding
@@ -311,6 +314,10 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
     raise errors.UserError(f"config.total_steps={total_steps} must be >= 0.")
   guide_step = sampling.autoguidance_step(config.sample, total_steps,
                                           int(config.checkpoint.save_every_steps))
+  sampling.grid_labels(config.logging.grid_classes, int(config.logging.grid_samples_per_class),
+                       num_classes=int(config.model.num_classes))  # Checks the classes.
+  gcs.check_paths({"--workdir": str(workdir), "config.data.data_dir": config.data.data_dir,
+                   "config.data.manual_dir": config.data.get("manual_dir")})
   if workdir.exists() and not workdir.is_dir():
     raise errors.UserError(f"--workdir={workdir} is a file, not a directory.")
   if is_main:
@@ -330,7 +337,8 @@ def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
   logging.info("Mesh %s on %d processes (%s).", dict(mesh.shape), jax.process_count(),
                mesh.devices.flat[0].device_kind)
 
-  source = input_pipeline.create_source(config.data, split=config.data.split)
+  source = data_prepare.source_for_training(config.data, config.data.split,
+                                            jax.process_index(), jax.process_count())
   if isinstance(source, latent_cache.LatentCacheSource):  # Sample the posterior, no encoder.
     if encode_fn is None:
       raise errors.UserError("config.data.latent_cache_dir holds VAE latents but "
@@ -412,6 +420,8 @@ def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
   throughput = None
   vae_args = () if encode_fn is None else (vae_params,)
   host_metrics = {}
+  stop_request = preemption.StopRequest.install()  # SIGTERM / preemption notice.
+  stopped = False
   while step < total_steps:
     batch = sharding.global_batch(next(it), batch_sh)
     if compiled is None:
@@ -424,7 +434,8 @@ def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
     step += 1
     bar.update()
 
-    should_save = manager.should_save(step)
+    stopped = stop_request.reached(step)  # The same step on every process.
+    should_save = manager.should_save(step) or stopped
     if step % log_every == 0 or step == total_steps or should_save:
       host_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
       _check_finite(step, host_metrics, workdir, manager, config.optimizer)
@@ -438,14 +449,24 @@ def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
       if should_save:
         if lock is not None:
           lock.check()  # Never write a workdir another run has taken over.
-        checkpointing.save(manager, step, state, make_meta(step))
-      if sample_every and step % sample_every == 0:
+        checkpointing.save(manager, step, state, make_meta(step), force=stopped)
+      if sample_every and step % sample_every == 0 and not stopped:
         write_grid(step)
+    if stopped:
+      break
   bar.close()
+  stop_request.close()
 
   if step > 0:
     checkpointing.save(manager, step, state, make_meta(step), force=True)
   checkpointing.wait(manager)
+  if stopped:
+    logging.warning("Stopped at step %d (%s) with its checkpoint saved in %s; the same "
+                    "command resumes from it.", step, stop_request.reason,
+                    manager.directory / str(step))
+    writer.close()
+    manager.close()
+    return state
 
   n_final = int(config.sample.final_num_samples_per_class)
   # Every process runs the sampler (a collective), so the decision must not depend on files.

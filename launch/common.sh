@@ -108,6 +108,30 @@ tpu_is_multi_host() {
   (( size > 8 ))
 }
 
+# Number of TPU VM workers (hosts) of an accelerator type. v2/v3/v4/v5p sizes count TensorCores,
+# 8 per host (v4-32: 4 hosts); v5e/v6e sizes count chips: single-host slices have up to 8 chips,
+# multi-host slices 4 chips per host (v5litepod-16: 4 hosts, v6e-256: 64 hosts).
+tpu_num_hosts() {
+  local size
+  size="$(tpu_size "$1")" || exit 1
+  if (( size <= 8 )); then
+    echo 1
+  elif [[ "$1" =~ ^v(5litepod|5e|6e)- ]]; then
+    echo $(( size / 4 ))
+  else
+    echo $(( size / 8 ))
+  fi
+}
+
+# The version setup.py pins for a package (`pinned_version jax` -> 0.10.2): the launch scripts
+# install exactly the tested stack, so `jax[tpu]` never pulls another jax than the pins.
+pinned_version() {
+  local v
+  v="$(sed -n "s/^ *\"$1==\([^\"]*\)\",*\$/\1/p" "${REPO_ROOT}/setup.py" | head -n 1)"
+  [[ -n "$v" ]] || die "setup.py pins no version of $1"
+  echo "$v"
+}
+
 # Default TPU VM software version ("runtime version") for an accelerator type.
 tpu_default_runtime_version() {
   case "$1" in

@@ -5,7 +5,8 @@
 # CONFIG/WORKDIR), or directly: `CONFIG=... WORKDIR=... sbatch --nodes=4 launch/gpu_slurm.sh`
 # from the repository root.
 #
-# Multi-process JAX: dit_jax.main calls jax.distributed.initialize() with no arguments.
+# Multi-process JAX: on several nodes dit_jax.main gets --distributed=auto and calls
+# jax.distributed.initialize() with no arguments.
 # Inside an `srun` step JAX detects Slurm from SLURM_JOB_ID, SLURM_STEP_NODELIST,
 # SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID, and takes the process count and index from
 # them. The coordinator address is exported here as JAX_COORDINATOR_ADDRESS (read by
@@ -19,12 +20,17 @@
 #   WORKDIR           (required) run directory, on storage every node sees (shared file
 #                     system or gs://); checkpoints resume from there
 #   CONFIG            config file and argument; default configs/imagenet256.py:variant=XL/2
-#   EXTRA_FLAGS       extra flags for dit_jax.main, space separated
-#   VENV              virtual environment to activate on every node; default none (use the
-#                     python on PATH, with `pip install -U "jax[cuda12]"` and
-#                     `pip install -e ".[imagenet]"` done beforehand)
+#   EXTRA_FLAGS       extra flags for dit_jax.main (and the data step), space separated
+#   PREPARE           1: first run the one-time data step on one task,
+#                     `srun --nodes=1 --ntasks=1 python -m dit_jax.prepare --config=$CONFIG
+#                     $EXTRA_FLAGS` (builds the tfds set once; training then only reads);
+#                     default 1
+#   VENV              virtual environment to activate on every node, made by gpu_install.sh
+#                     (Python >= 3.11, "jax[cuda12]==<the jax pin>", the imagenet and gcs
+#                     extras); default none (the python on PATH, installed the same way)
 #   PYTHON            python executable; default python
 #   GPUS_PER_NODE     GPUs each process drives; default SLURM_GPUS_ON_NODE, else 8
+#   NODES             nodes of the job when SLURM_JOB_NUM_NODES is unset (dry runs); default 2
 #   COORDINATOR_PORT  port of the jax.distributed coordinator on the first node
 #   REPO_ROOT         repository checkout on the shared file system; default the directory
 #                     sbatch was run from (gpu_submit.sh sets it)
@@ -55,6 +61,8 @@ require WORKDIR
 CONFIG="${CONFIG:-configs/imagenet256.py:variant=XL/2}"
 EXTRA_FLAGS="${EXTRA_FLAGS:-}"
 PYTHON="${PYTHON:-python}"
+PREPARE="${PREPARE:-1}"
+require_bool PREPARE
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
 if [[ ! "${GPUS_PER_NODE}" =~ ^[1-9][0-9]*$ ]]; then
   die "GPUS_PER_NODE must be a positive integer, got '${GPUS_PER_NODE}'"
@@ -88,6 +96,9 @@ if [[ -z "${COORDINATOR_PORT:-}" ]]; then
   COORDINATOR_PORT=$(( ${SLURM_JOB_ID:-0} % 4096 + 61440 ))
 fi
 
+nodes="${SLURM_JOB_NUM_NODES:-${NODES:-2}}"
+main_flags=("--config=${CONFIG}" "--workdir=${WORKDIR}")
+(( nodes > 1 )) && main_flags+=(--distributed=auto)
 # Deliberately word-split: a list of flags.
 # shellcheck disable=SC2206
 extra=(${EXTRA_FLAGS})
@@ -103,6 +114,10 @@ fi
 run cd "${REPO_ROOT}"
 run export "JAX_COORDINATOR_ADDRESS=${head_node}:${COORDINATOR_PORT}"
 run export "JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((GPUS_PER_NODE - 1)))"
+if [[ "${PREPARE}" == 1 ]]; then
+  run srun --nodes=1 --ntasks=1 "${PYTHON}" -m dit_jax.prepare "--config=${CONFIG}" \
+    ${extra[@]+"${extra[@]}"}
+fi
 run srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
-  "${PYTHON}" -m dit_jax.main "--config=${CONFIG}" "--workdir=${WORKDIR}" \
+  "${PYTHON}" -m dit_jax.main "${main_flags[@]}" \
   ${extra[@]+"${extra[@]}"}

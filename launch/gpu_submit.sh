@@ -52,5 +52,5 @@ job_env=("CONFIG=${CONFIG}" "WORKDIR=${WORKDIR}" "EXTRA_FLAGS=${EXTRA_FLAGS}"
 run env "${job_env[@]}" sbatch "${sbatch_args[@]}" "${LAUNCH_DIR}/gpu_slurm.sh"
 if is_dry_run; then
   # What the job will run once it starts (head node unknown until then).
-  env "${job_env[@]}" "${LAUNCH_DIR}/gpu_slurm.sh"
+  env "NODES=${NODES}" "${job_env[@]}" "${LAUNCH_DIR}/gpu_slurm.sh"
 fi

@@ -106,6 +106,11 @@ def test_detected_cluster_from_the_launch_environments():
   assert main.detected_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2"}) is None
   assert main.detected_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}) == "tpu"
   assert main.detected_cluster({"JAX_COORDINATOR_ADDRESS": "h:1234"}) == "JAX_COORDINATOR_ADDRESS"
+  assert main.detected_cluster({"TPU_PROCESS_ADDRESSES": "a:1,b:1"}) == "tpu"
+  assert main.detected_cluster({"MEGASCALE_NUM_SLICES": "2"}) == "tpu-multislice"
+  assert main.detected_cluster({"MEGASCALE_NUM_SLICES": "1"}) is None
+  # Off a TPU VM JAX's Cloud TPU detection queries nothing and finds no pod.
+  assert main.cloud_tpu_pod() is None
 
 
 def test_digits_demo_smoke_run_and_its_measurement(tmp_path, capsys):

@@ -9,6 +9,7 @@ before the random flip.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -20,33 +21,65 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
                     ".webp", ".gif")
 
 
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def _list(directory: str) -> tuple[list[str], list[str]]:
+  """(sub-directory names, file names) of `directory`; gs:// through etils.epath."""
+  if not _is_remote(directory):
+    entries = list(os.scandir(directory))
+    return ([e.name for e in entries if e.is_dir()], [e.name for e in entries if e.is_file()])
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  dirs, files = [], []
+  for p in epath.Path(directory).iterdir():
+    # One listing per class; only names that look like images are taken for files (no
+    # per-object request: an ImageNet-sized class has 1300).
+    (files if p.name.lower().endswith(IMAGE_EXTENSIONS) else dirs).append(p.name)
+  return dirs, files
+
+
+def is_dir(path: str) -> bool:
+  if not _is_remote(path):
+    return os.path.isdir(path)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path).is_dir()
+
+
 def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
   """Returns (sorted class names, [(path, label), ...]) for `root/<class>/<image>`.
 
+  `root` may be local or gs:// (the `gcs` extra).
+
   Raises:
-    UserError: `root` is not a directory, has no class sub-folders, or a class folder has no
-      image files.
+    UserError: `root` is not a directory, has no class sub-folders, or a class folder has
+      no image files.
   """
-  root = os.fspath(root)
-  if not os.path.isdir(root):
+  root = os.fspath(root).rstrip("/") or "/"
+  if not is_dir(root):
     raise errors.UserError(f"image_folder data_dir {root!r} is not a directory")
-  classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+  classes = sorted(_list(root)[0])
   if not classes:
     raise errors.UserError(
         f"image_folder data_dir {root!r} has no class sub-folders; expected "
         "root/<class_name>/<image files>")
   samples = []
   for label, name in enumerate(classes):
-    class_dir = os.path.join(root, name)
-    files = sorted(
-        e.name for e in os.scandir(class_dir)
-        if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+    class_dir = f"{root}/{name}"
+    files = sorted(f for f in _list(class_dir)[1] if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
       raise errors.UserError(
           f"image_folder class {name!r} ({class_dir!r}) has no image files with extensions "
           f"{IMAGE_EXTENSIONS}")
-    samples.extend((os.path.join(class_dir, f), label) for f in files)
+    samples.extend((f"{class_dir}/{f}", label) for f in files)
   return classes, samples
+
+
+def _open(path: str):
+  if not _is_remote(path):
+    return path
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return io.BytesIO(epath.Path(path).read_bytes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,4 +118,4 @@ class ImageFolderSource:
 
   def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
     path, label = self.samples[i]
-    return transforms.load_rgb_crop(path, int(self.image_size)), label
+    return transforms.load_rgb_crop(_open(path), int(self.image_size)), label

@@ -98,8 +98,9 @@ class TfdsImageSource:
         raise errors.UserError(
             f"TFDS dataset {self.name!r} is not prepared in data_dir={self.data_dir!r} "
             "(and config.data.prepare is False)")
-      _require_tensorflow(self.name, self.data_dir)
-      if not self.manual_dir:
+      if self.name == DEFAULT_NAME:  # ImageNet's builder reads its tars through TensorFlow.
+        _require_tensorflow(self.name, self.data_dir)
+      if not self.manual_dir and self.name == DEFAULT_NAME:
         raise errors.UserError(
             f"config.data.manual_dir is required to prepare {self.name!r} (it must hold "
             f"the manually downloaded archives), got {self.manual_dir!r}")
