@@ -126,6 +126,9 @@ def get_config(arg=None):
   config.checkpoint.max_to_keep = 3
   config.checkpoint.keep_every_steps = 0
   config.checkpoint.async_save = True
+  config.checkpoint.fallback = True  # A damaged latest checkpoint: resume the previous one.
+  config.checkpoint.allow_seed_change = False
+  config.checkpoint.lock_lease_secs = 60.0  # One training run per workdir.
 
   config.logging = mc.ConfigDict()
   config.logging.log_every_steps = 100
