@@ -40,6 +40,8 @@ def make_parser():
   p.add_argument("--per-device-batch", type=int, default=32)
   p.add_argument("--num-workers", type=int, default=16, help="image decoding threads")
   p.add_argument("--no-progress", action="store_true")
+  from dit_jax import generate  # pylint: disable=import-outside-toplevel
+  generate.add_distributed_args(p)
   return p
 
 
@@ -47,7 +49,6 @@ def _main(argv) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections as mc  # pylint: disable=import-outside-toplevel
   from dit_jax import generate, input_pipeline  # pylint: disable=import-outside-toplevel
-  from dit_jax import main as main_lib  # pylint: disable=import-outside-toplevel
   from dit_jax import latent  # pylint: disable=import-outside-toplevel
   from dit_jax.data import latent_cache  # pylint: disable=import-outside-toplevel
 
@@ -55,8 +56,7 @@ def _main(argv) -> int:
   if args.per_device_batch <= 0:
     raise UserError(f"--per-device-batch {args.per_device_batch}: must be positive")
   generate.require(args.vae_dir, "--vae-dir")
-  if main_lib.detected_cluster(os.environ) or main_lib.cloud_tpu_pod():
-    jax.distributed.initialize()
+  generate.init_distributed(args)
   config_data = mc.ConfigDict({"name": args.data, "image_size": args.image_size,
                                "data_dir": args.data_dir, "manual_dir": args.manual_dir,
                                "split": args.split, "prepare": True})

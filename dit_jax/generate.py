@@ -103,6 +103,23 @@ def checkpoint_input_size(sd) -> int | None:
   return side * int(proj.shape[-1]) if side * side == pe.shape[1] else None
 
 
+def add_distributed_args(parser) -> None:
+  """--coordinator-address / --num-processes / --process-id, as `python -m dit_jax.main`."""
+  g = parser.add_argument_group("multi-process (auto-detected on Cloud TPU pods and Slurm)")
+  g.add_argument("--coordinator-address", help="host:port of process 0")
+  g.add_argument("--num-processes", type=int)
+  g.add_argument("--process-id", type=int)
+
+
+def init_distributed(args) -> None:
+  """`jax.distributed.initialize` when the flags or the environment show several processes."""
+  from dit_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  kwargs = main_lib.distributed_kwargs(None, args.coordinator_address, args.num_processes,
+                                       args.process_id)
+  if kwargs is not None:
+    jax.distributed.initialize(**kwargs)
+
+
 def load_official(path, *, variant: str, input_size: int,
                   num_classes: int = OFFICIAL_NUM_CLASSES, which: str = "ema",
                   latent_source: str = "") -> Loaded:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 
 from dit_jax import errors
@@ -61,6 +60,8 @@ def make_parser() -> argparse.ArgumentParser:
                  help="images per device per round (default 32; a grid: all at once)")
   p.add_argument("--out", default="sample.png", help=".png (grid) or .npz (sample file)")
   p.add_argument("--no-progress", action="store_true")
+  from dit_jax import generate  # pylint: disable=import-outside-toplevel
+  generate.add_distributed_args(p)
   return p
 
 
@@ -92,9 +93,7 @@ def _main(argv) -> int:
   from dit_jax import generate  # pylint: disable=import-outside-toplevel
 
   args = make_parser().parse_args(argv)
-  from dit_jax import main as main_lib  # pylint: disable=import-outside-toplevel
-  if main_lib.detected_cluster(os.environ):  # A multi-host launch (Cloud TPU pod, Slurm).
-    jax.distributed.initialize()
+  generate.init_distributed(args)
   out = str(args.out)
   if not out.endswith((".png", ".npz")):
     raise UserError(f"--out {out}: expected a .png (grid) or .npz (sample file) path")
