@@ -16,6 +16,7 @@ the others wait at a barrier, then opens it everywhere with preparation off.
 """
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import flags
@@ -104,17 +105,25 @@ def _cli(argv: list[str]) -> int:
       rest = _FLAGS([PROG, *argv])
     except flags.Error as e:
       raise errors.UserError(str(e)) from e
-    except (AttributeError, KeyError) as e:
-      raise errors.UserError(f"an override names no config field: {e}") from e
+    except (AttributeError, KeyError) as e:  # config_flags: an override naming no field.
+      text = str(e)
+      key = re.search(r"'([A-Za-z_]\w*)", text)
+      hint = re.search(r'Did you mean "([^"]+)"', text)
+      raise errors.UserError(
+          f"an override names a field the config does not have: "
+          f"{key.group(1) if key else errors.one_line(text)!r}"
+          + (f"; did you mean {hint.group(1)!r}?" if hint else ".")) from e
     if len(rest) > 1:
       raise errors.UserError(f"unexpected arguments: {rest[1:]}")
     if _CONFIG.value is None:
       raise errors.UserError("--config is required (e.g. --config=configs/imagenet256.py).")
     try:
-      config = _CONFIG.value
-    except (OSError, AttributeError) as e:
-      raise errors.UserError(f"--config: cannot load the config file: {e}") from e
-    for line in prepare(config.data, _SPLITS.value):
+      config_data = _CONFIG.value.data
+    except (OSError, AttributeError) as e:  # config_flags defers a load failure to here.
+      spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+      raise errors.UserError(f"--config={spec}: cannot load it "
+                             f"({errors.one_line(str(e).splitlines()[-1])}).") from e
+    for line in prepare(config_data, _SPLITS.value):
       print(line, flush=True)
   finally:
     sys.argv = saved
