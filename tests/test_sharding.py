@@ -95,7 +95,7 @@ def test_data_parallel_and_fsdp_match_one_device():
       "data=2,fsdp=4": _run(config, sharding.make_mesh(mesh_config(2, 4)), batches, 3),
   }
   for name, (losses, params, ema, _) in runs.items():
-    np.testing.assert_allclose(losses, ref[0], rtol=2e-5, err_msg=name)
+    np.testing.assert_allclose(losses, ref[0], rtol=2e-6, err_msg=name)  # observed 2.1e-7
     for tree, ref_tree in ((params, ref[1]), (ema, ref[2])):
       for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
