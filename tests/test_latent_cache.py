@@ -138,6 +138,7 @@ def test_readme_recipe_end_to_end(folder, caches, tmp_path):
   config.checkpoint.save_every_steps = 2
   config.logging.log_every_steps = 1
   config.logging.sample_every_steps = 0
+  config.logging.grid_classes = (0, 1, 2)
   config.logging.progress_bar = False
   workdir = tmp_path / "run"
   state = train.train_and_evaluate(config, str(workdir))
