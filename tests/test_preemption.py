@@ -70,14 +70,22 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(tmp_path):
   env = subprocess_env(tmp_path / "jax_cache")
   straight, stopped = tmp_path / "straight", tmp_path / "stopped"
 
-  def run(workdir, signal_step):
-    proc = subprocess.run(_cmd(workdir, signal_step, 6), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return proc
+  def start(workdir, signal_step):
+    return subprocess.Popen(_cmd(workdir, signal_step, 6), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-  run(straight, -1)
+  def finish(popen):
+    out, err = popen.communicate(timeout=300)
+    assert popen.returncode == 0, err[-5000:]
+    popen.stdout, popen.stderr = out, err
+    return popen
+
+  def run(workdir, signal_step):
+    return finish(start(workdir, signal_step))
+
+  reference = start(straight, -1)  # The two first runs side by side (2 cores).
   proc = run(stopped, 3)
+  finish(reference)
   assert "SIGTERM at step 3" in proc.stdout
   assert _stopped_at(proc.stderr) == 4  # The next step boundary.
   assert "(SIGTERM)" in proc.stderr
