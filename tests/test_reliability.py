@@ -5,7 +5,8 @@ In-process (toy state, fast): each damage (truncated array file, deleted `_METAD
 meta JSON, flipped bytes, one flipped bit) makes `restore_or_init` fall back to the previous
 step bit for bit and keep the damaged step in `<workdir>/corrupt/`; with fallback off it is one
 UserError and nothing moves; a transient read error is retried, a bug is raised; the checksums
-themselves; the workdir lock's lease (fake clock).
+themselves; the workdir lock's lease (fake clock); the resume check; the non-finite guard's
+message.
 
 End to end (`python -m dit_jax.main` on configs/testing.py, subprocesses): a straight run 0 -> 6
 (checkpoints 2, 4, 6) is the reference.
@@ -407,3 +408,25 @@ def test_two_processes_fall_back_together(tmp_path):
   after, _ = checkpointing.load_on_host(str(workdir), 4)
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     assert np.array_equal(a, b)
+
+
+def test_non_finite_guard_names_the_checkpoint_and_advises_only_what_applies(tmp_path,
+                                                                             toy_workdir):
+  from dit_jax import train  # pylint: disable=import-outside-toplevel
+  manager = checkpointing.create_manager(str(toy_workdir), _section())
+  metrics = {"train/loss": float("nan"), "train/grad_norm": 1.0}
+  with pytest.raises(FloatingPointError) as err:
+    train._check_finite(3, metrics, toy_workdir, manager,  # pylint: disable=protected-access
+                        dict(warmup_steps=0, grad_clip_norm=0.0))
+  assert str(err.value) == (
+      "Non-finite training metrics at step 3: {'train/loss': nan}. Stopping without saving; a "
+      f"rerun resumes from the latest checkpoint, step 2 ({toy_workdir / 'checkpoints' / '2'}), "
+      "finite when saved. If it recurs after resuming: lower config.optimizer.learning_rate, "
+      "set config.optimizer.warmup_steps, set config.optimizer.grad_clip_norm.")
+  with pytest.raises(FloatingPointError, match=r"resuming: lower config\.optimizer\."
+                                               r"learning_rate\.$"):
+    train._check_finite(3, metrics, toy_workdir, manager,  # pylint: disable=protected-access
+                        dict(warmup_steps=10, grad_clip_norm=1.0))
+  empty = checkpointing.create_manager(str(tmp_path), _section())
+  with pytest.raises(FloatingPointError, match="no checkpoint was saved yet"):
+    train._check_finite(3, metrics, tmp_path, empty)  # pylint: disable=protected-access
