@@ -327,7 +327,9 @@ def _main(argv: list[str]) -> int:
   try:
     fv(argv)
     config = fv["config"].value
-  except (flags.Error, ValueError, FileNotFoundError, AttributeError, KeyError) as e:
+  except (AttributeError, KeyError) as e:  # An override naming no config field.
+    raise errors.UserError(errors.config_override_error(argv, e)) from e
+  except (flags.Error, ValueError, FileNotFoundError) as e:
     raise errors.UserError(str(e)) from e
   if fv["steps"].value < 1 or fv["warmup"].value < 0:
     raise errors.UserError(f"--steps={fv['steps'].value} must be >= 1 and "

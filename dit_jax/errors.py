@@ -11,6 +11,7 @@ line as `<prog>: error: <message>` on stderr and returns exit code 2, without a 
 """
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -51,3 +52,20 @@ def run_cli(prog: str, body: Callable[[list[str]], int | None],
     print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
     return EXIT_USER_ERROR
   return 0 if code is None else int(code)
+
+
+def config_override_error(argv: Sequence[str], e: BaseException) -> str:
+  """One line for ml_collections' error on an override naming no config field.
+
+  config_flags raises AttributeError/KeyError('...Did you mean "x"...') without the override's
+  path; this finds it in `argv` (e.g. `--config.optimizer.learning_rat: the config has no field
+  'learning_rat'; did you mean 'learning_rate'?`).
+  """
+  text = str(e)
+  key = re.search(r"'([A-Za-z_]\w*)", text)
+  key = key.group(1) if key else text
+  names = [a.split("=", 1)[0] for a in argv if a.lstrip("-").startswith("config.")]
+  culprit = next((n for n in names if key in n.split(".")), "an override")
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  return (f"{culprit}: the config has no field {key!r}"
+          + (f"; did you mean {hint.group(1)!r}?" if hint else "."))

@@ -32,7 +32,6 @@ workdir that is a file) print one line and exit with code 2; `--debug` shows the
 from __future__ import annotations
 
 import os
-import re
 import sys
 import traceback
 
@@ -152,7 +151,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     raise errors.UserError(str(e)) from e
   except (AttributeError, KeyError) as e:  # config_flags: an override naming no field.
-    raise errors.UserError(_override_error(argv, e)) from e
+    raise errors.UserError(errors.config_override_error(argv[1:], e)) from e
   spec = _config_spec(argv)
   try:
     _CONFIG.value.is_locked  # pylint: disable=pointless-statement  (a load error shows here)
@@ -169,18 +168,6 @@ def _config_spec(argv) -> str | None:
     if arg.startswith(("--config=", "-config=")):
       return arg.split("=", 1)[1]
   return None
-
-
-def _override_error(argv, e) -> str:
-  """One line naming the override whose field the config does not have."""
-  text = str(e)
-  key = re.search(r"'([A-Za-z_]\w*)", text)
-  key = key.group(1) if key else text
-  names = [a.split("=", 1)[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
-  culprit = next((n for n in names if key in n.split(".")), "an override")
-  hint = re.search(r'Did you mean "([^"]+)"', text)
-  return (f"{culprit}: the config has no field {key!r}"
-          + (f"; did you mean {hint.group(1)!r}?" if hint else "."))
 
 
 def _train(argv) -> None:

@@ -65,7 +65,10 @@ LATENT_ENCODERS = latent.ENCODERS
 
 def build_model(config_model) -> DiT:
   """The DiT of `config.model`: the variant's architecture, overridden by non-None fields."""
-  kwargs = variants.parse(config_model.variant) if config_model.variant else {}
+  try:
+    kwargs = variants.parse(config_model.variant) if config_model.variant else {}
+  except ValueError as e:
+    raise errors.UserError(f"config.model.variant={config_model.variant!r}: {e}") from e
   for field in ARCH_FIELDS:
     value = config_model.get(field)
     if value is not None:

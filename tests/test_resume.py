@@ -40,6 +40,9 @@ OVERRIDES = [
     "--config.checkpoint.async_save=true",
     "--config.logging.sample_every_steps=0",
     "--config.sample.final_num_samples_per_class=0",
+    # A SIGKILLed run leaves its workdir lock behind; a 1 s lease has expired by the time the
+    # next run (seconds of start-up later) checks it, as after a preemption.
+    "--config.checkpoint.lock_lease_secs=1",
 ]
 
 _KILLER = textwrap.dedent("""
