@@ -40,6 +40,6 @@ setuptools.setup(
         "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
         # The gs:// test runs training against a local GCS emulator.
         "test": ["pytest>=8.0", "torch==2.13.0", "gcsfs>=2024.2", "google-cloud-storage>=2.14",
-                 "gcp-storage-emulator>=2024.8"],
+                 "gcp-storage-emulator>=2024.8", "diffusers==0.42.1"],
     },
 )

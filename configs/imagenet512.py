@@ -1,7 +1,8 @@
 r"""The paper's ImageNet 512x512 recipe (Peebles & Xie 2023, Sec. 4 and the official train.py).
 
   python -m dit_jax.main --config=configs/imagenet512.py:variant=XL/2 --workdir=gs://BUCKET/dit-xl2-512 \
-      --config.data.manual_dir=gs://BUCKET/imagenet-manual --config.data.data_dir=gs://BUCKET/tfds
+      --config.data.manual_dir=gs://BUCKET/imagenet-manual --config.data.data_dir=gs://BUCKET/tfds \
+      --config.latent.vae_dir=/path/to/sd-vae-ft-ema
 
 `variant` is any registered name ("S/8" ... "XL/2", with or without the "DiT-" prefix; also
 `:XL/2`). Recipe: AdamW lr 1e-4, betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping, no
@@ -10,8 +11,11 @@ parameters), label dropout 0.1, T = 1000 linear betas, learned sigma (hybrid los
 L_vb), random horizontal flip, ADM centre crop, 400K steps, float32, 64x64x4 latents of the
 Stable Diffusion VAE ("sd-vae-ft-ema", scaled by 0.18215) from 512x512 images.
 Expected result: the paper trains DiT-XL/2-512 for 3M steps (set --config.total_steps) to
-FID-50K 3.04 with cfg scale 1.5 (paper Table 3; official 250-step DDPM sampler). The Flax VAE arrives in later work: until
-then a run with this config stops at start-up with an error naming `config.latent.encoder`.
+FID-50K 3.04 with cfg scale 1.5 (paper Table 3; official 250-step DDPM sampler).
+`config.latent.vae_dir` is required: a local diffusers VAE directory (a copy of Hugging Face's
+stabilityai/sd-vae-ft-ema: config.json + diffusion_pytorch_model.safetensors or .bin; nothing
+is downloaded); without it a run stops at start-up naming the field. `config.latent.dtype` is
+the VAE's compute dtype ("bfloat16" at scale).
 Scale options (all off in the recipe): --config.model.dtype=bfloat16, --config.model.remat=True,
 --config.optimizer.grad_clip_norm=1.0, --config.optimizer.warmup_steps=N, --config.mesh.fsdp=N.
 """
