@@ -52,6 +52,7 @@ from dit_jax import sharding
 from dit_jax import train_state as ts
 from dit_jax import workdir_lock
 from dit_jax.data import latent_cache
+from dit_jax.evaluation import in_training
 from dit_jax.models import DiT, variants
 
 PyTree = Any
@@ -396,6 +397,8 @@ def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
           autoguided=autoguided)
     return samplers[batch_size, autoguided]
 
+  fid_eval = in_training.create(config, mesh, model.num_classes, log=logging.info)
+
   grid_classes = tuple(config.logging.grid_classes)
   per_class = int(config.logging.grid_samples_per_class)
   grid_labels = sampling.grid_labels(grid_classes, per_class)
@@ -455,6 +458,14 @@ def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
         checkpointing.save(manager, step, state, make_meta(step), force=stopped)
       if sample_every and step % sample_every == 0 and not stopped:
         write_grid(step)
+      if fid_eval is not None and fid_eval.due(step) and not stopped:
+        sampler = get_sampler(int(config.sample.batch_size))
+        fid = fid_eval(lambda labels, seed: sampler(state.ema_params, labels, seed,
+                                                    vae_params=vae_params))
+        if is_main:
+          writer.write_scalars(step, {"eval/fid": fid})
+          logging.info("Step %d: eval/fid %.4f (%d EMA samples).", step, fid,
+                       fid_eval.num_samples)
     if stopped:
       break
   bar.close()
