@@ -154,7 +154,12 @@ def get_config(arg=None):
   config.sample.batch_size = 100
   config.sample.seed = 0
 
-  config.eval = mc.ConfigDict()
+  config.eval = mc.ConfigDict()  # FID during training: dit_jax/evaluation/in_training.py.
+  config.eval.fid_every_steps = 0  # 0 = off; else EMA samples' FID as eval/fid every K steps.
+  config.eval.fid_num_samples = 5000  # Per evaluation (ADM's tables: 50,000, a separate job).
+  config.eval.fid_ref = config_dict.placeholder(str)  # A reference .npz (uint8 arr_0).
+  config.eval.inception_weights = config_dict.placeholder(str)  # None: ~/.cache/dit_jax/...
+  config.eval.fid_seed = 0  # Labels and noise, the same at every evaluation.
 
   config.lock()
   return config
