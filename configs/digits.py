@@ -132,6 +132,8 @@ def get_config(arg=None):
   config.model.param_dtype = "float32"
   config.model.attention_impl = "xla"
   config.model.remat = False
+  config.model.remat_policy = config_dict.placeholder(str)  # With remat: "dots_saveable"...
+  config.model.scan = False  # True: the blocks as one lax.scan (faster compiles, same values).
   config.model.ln_grad_barrier = True  # Faster backward on XLA:CPU (same values).
 
   config.optimizer = mc.ConfigDict()

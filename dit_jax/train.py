@@ -90,7 +90,9 @@ def build_model(config_model) -> DiT:
       param_dtype=config_model.param_dtype,
       attention_impl=None if attention_impl in (None, "auto") else attention_impl,
       remat=bool(config_model.remat),
-      ln_grad_barrier=bool(config_model.get("ln_grad_barrier", False)))
+      remat_policy=config_model.get("remat_policy"),
+      scan=bool(config_model.get("scan", False)),
+      ln_grad_barrier=config_model.get("ln_grad_barrier"))
   return DiT(**kwargs)
 
 

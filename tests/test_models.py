@@ -33,10 +33,13 @@ def _apply_fn(model):
                                                 mutable=["intermediates"]))
 
 
-@pytest.mark.parametrize("which", ["ref_a", "ref_b"])
-def test_forward_parity_with_official(which, request):
+@pytest.mark.parametrize("which, fast", [("ref_a", {}), ("ref_b", {}), ("ref_a", {"scan": True}),
+                                         ("ref_b", {"scan": True, "remat": True})])
+def test_forward_parity_with_official(which, fast, request):
+  """Also with the blocks as one lax.scan (and rematerialised): same canonical parameters
+  (the official import fills them), same activations, the sown `block{i}` included."""
   ref = request.getfixturevalue(which)
-  model, params, x, t, y = _setup(ref)
+  model, params, x, t, y = _setup(ref, **fast)
   out, state = _apply_fn(model)(params, x, t, y)
   assert out.shape == x.shape[:3] + (model.out_channels,)
   assert rel_err(out.transpose(0, 3, 1, 2), ref["fwd/out"]) <= 1e-5
@@ -244,19 +247,34 @@ def test_bfloat16_compute_close_to_float32(ref_a):
   assert all(l.dtype == jnp.bfloat16 for l in jax.tree.leaves(shapes))
 
 
-def test_remat_keeps_names_and_values(ref_a):
+@pytest.mark.parametrize("fast", [dict(remat=True, remat_policy="dots_saveable"), dict(scan=True)])
+def test_fast_paths_keep_names_values_and_gradients(ref_a, fast):
+  """remat (each policy) and scan: `init` makes the canonical `blocks_i` parameters, and the
+  forward pass and the gradients equal the plain model's to float32 rounding."""
   model, params, x, t, y = _setup(ref_a)
-  rm = model.clone(remat=True)
+  rm = model.clone(**fast)
   shapes = jax.eval_shape(rm.init, jax.random.key(0), x, t, y)["params"]
   assert jax.tree.structure(shapes) == jax.tree.structure(params)
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
   out, _ = _apply_fn(rm)(params, x, t, y)
   assert rel_err(out.transpose(0, 3, 1, 2), ref_a["fwd/out"]) <= 1e-5
+
+  def loss(m):
+    return jax.jit(jax.grad(lambda p: jnp.mean(m.apply({"params": p}, x, t, y) ** 2)))
+  g_ref, g = loss(model)(params), loss(rm)(params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+    assert rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_unknown_remat_policy_raises():
+  with pytest.raises(ValueError, match="remat_policy='dots'"):
+    variants.build("tiny-A", remat=True, remat_policy="dots")
 
 
 @pytest.mark.parametrize("block_type", ["adaLN-Zero", "cross-attention"])
 def test_ln_grad_barrier_keeps_values_and_gradients(ref_a, block_type):
   model, params, x, t, y = _setup(ref_a)
-  model = model.clone(block_type=block_type)
+  model = model.clone(block_type=block_type, ln_grad_barrier=False)
   params = model.init(jax.random.key(3), x, t, y)["params"]
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape),
                         params)  # leave the adaLN-Zero init: every path carries gradient
@@ -267,6 +285,9 @@ def test_ln_grad_barrier_keeps_values_and_gradients(ref_a, block_type):
 
   assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(loss(barred)))(params))
   assert "optimization_barrier" not in str(jax.make_jaxpr(jax.grad(loss(model)))(params))
+  # The default (None) is on for a CPU backend, which the tests run on.
+  assert "optimization_barrier" in str(
+      jax.make_jaxpr(jax.grad(loss(model.clone(ln_grad_barrier=None))))(params))
   np.testing.assert_allclose(barred.apply({"params": params}, x, t, y),
                              model.apply({"params": params}, x, t, y), rtol=1e-6, atol=1e-6)
   g_ref, g = jax.grad(loss(model))(params), jax.grad(loss(barred))(params)

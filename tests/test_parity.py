@@ -77,11 +77,11 @@ def nchw(a):
 class Setup:
   """Model, imported params and diffusion of one reference file."""
 
-  def __init__(self, name, ref):
+  def __init__(self, name, ref, **fast):
     self.name = name
     self.ref = ref
     self.cfg = json.loads(str(ref["meta/config_json"]))
-    self.model = DiT(**self.cfg)
+    self.model = DiT(**self.cfg, **fast)
     sd = {k[len("param/"):]: ref[k] for k in ref if k.startswith("param/")}
     self.params = jax.tree.map(jnp.asarray, official.state_dict_to_params(sd))
     self.null = self.cfg["num_classes"]
@@ -92,10 +92,15 @@ class Setup:
     return self.model.apply({"params": params}, x, t, y)
 
 
-@pytest.fixture(scope="module", params=["A", "B"])
+# The float32 fast paths must keep every parity: "A+scan+remat" runs reference A with the
+# blocks as one lax.scan, rematerialised with the "dots_saveable" policy.
+FAST = {"A": {}, "B": {}, "A+scan+remat": dict(scan=True, remat=True, remat_policy="dots_saveable")}
+
+
+@pytest.fixture(scope="module", params=list(FAST))
 def setup(request):
-  ref = request.getfixturevalue("ref_a" if request.param == "A" else "ref_b")
-  return Setup(request.param, ref)
+  ref = request.getfixturevalue("ref_b" if request.param == "B" else "ref_a")
+  return Setup(request.param, ref, **FAST[request.param])
 
 
 # ------------------------------------------------------------------------------------------
