@@ -133,7 +133,7 @@ def get_config(arg=None):
   config.model.attention_impl = "xla"
   config.model.remat = False
   config.model.remat_policy = config_dict.placeholder(str)  # With remat: "dots_saveable"...
-  config.model.scan = False  # True: the blocks as one lax.scan (faster compiles, same values).
+  config.model.scan = False  # True: the blocks as one lax.scan (one block compiled; same values).
   config.model.ln_grad_barrier = True  # Faster backward on XLA:CPU (same values).
 
   config.optimizer = mc.ConfigDict()

@@ -100,7 +100,10 @@ def get_config(arg=None):
   config.model.param_dtype = "float32"
   config.model.attention_impl = "auto"
   config.model.remat = False
-  config.model.ln_grad_barrier = False
+  config.model.remat_policy = config_dict.placeholder(str)  # With remat: "dots_saveable"...
+  config.model.scan = False  # True: the blocks as one lax.scan (one block compiled; same values).
+  # None: on for a CPU backend (faster backward on XLA:CPU, same values), off elsewhere.
+  config.model.ln_grad_barrier = config_dict.placeholder(bool)
 
   config.optimizer = mc.ConfigDict()
   config.optimizer.learning_rate = 1e-4

@@ -76,7 +76,7 @@ def get_config(arg=None):
   config.model.attention_impl = "xla"
   config.model.remat = False
   config.model.remat_policy = config_dict.placeholder(str)  # With remat: "dots_saveable"...
-  config.model.scan = False  # True: the blocks as one lax.scan (faster compiles, same values).
+  config.model.scan = False  # True: the blocks as one lax.scan (one block compiled; same values).
   # None: on for a CPU backend (faster backward on XLA:CPU, same values), off elsewhere.
   config.model.ln_grad_barrier = config_dict.placeholder(bool)
 
