@@ -17,6 +17,13 @@ damage, not a cryptographic hash: words swapped within an array go unnoticed. (A
 weighted second sum would catch those, but integer reductions are slow on XLA:CPU, ~13x a float
 sum, and it doubled the cost.)
 
+Cost, measured on the project's 2-core CPU VM under heavy load (load average 12-15): a DiT-B/2
+state (params, EMA, two Adam moments; 525 arrays, 2.09 GB float32) takes 11.1 s per call (the
+first call 38.6 s, with compiling), against 0.69 s for a float sum over the same arrays (XLA:CPU
+reduces integers ~13x slower than floats). Extrapolated to DiT-XL/2 (10.8 GB) on that CPU: about
+57 s per save and per restore. On accelerators the reduction is bound by memory bandwidth (not
+measured here).
+
 Checkpoints store the summary in their JSON meta (`integrity`); restore recomputes it and
 compares (`mismatches`).
 """
