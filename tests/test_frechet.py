@@ -88,6 +88,9 @@ def test_feature_statistics_in_float64():
   np.testing.assert_allclose(mu, x64.mean(0), rtol=1e-15)
   np.testing.assert_allclose(s, c.T @ c / 49, rtol=1e-12)
   np.testing.assert_allclose(frechet.feature_statistics(x[:, :1])[1], s[0, 0], rtol=1e-15)  # D = 1
+  two = x64[:2]  # N = 2, the fewest samples with a covariance
+  np.testing.assert_allclose(frechet.feature_statistics(x[:2])[1],
+                             np.outer(two[0] - two[1], two[0] - two[1]) / 2, rtol=1e-9)
   with pytest.raises(ValueError, match=r"\(N >= 2, D\)"):
     frechet.feature_statistics(x[:1])
   for mu2, s2 in ((np.zeros(2), np.eye(3)), (np.zeros(3), np.eye(2))):
