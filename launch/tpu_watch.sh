@@ -27,6 +27,10 @@
 #   MAX_CRASHES       crashes in a row (training died on a READY TPU) before giving up;
 #                     default 3
 #   POLL_SECONDS      seconds between state checks; default 300
+#   LEASE_WAIT_SECONDS  seconds to wait after killing a crashed run before restarting it on
+#                     the same TPU, so that the dead run's workdir lock lease has expired
+#                     (config.checkpoint.lock_lease_secs, 60 s by default; a run that finds a
+#                     live lease exits 2); default 70
 #   PID_FILE, EXIT_FILE  as in tpu_train.sh
 #   DRY_RUN=1         print one iteration's commands and exit, without looping; the state
 #                     is FAKE_STATE (default READY), e.g. FAKE_STATE=PREEMPTED shows a restart,
@@ -43,6 +47,7 @@ MAX_CRASHES="${MAX_CRASHES:-3}"
 PID_FILE="${PID_FILE:-dit_jax_train.pid}"
 EXIT_FILE="${EXIT_FILE:-dit_jax_train.exit}"
 POLL_SECONDS="${POLL_SECONDS:-300}"
+LEASE_WAIT_SECONDS="${LEASE_WAIT_SECONDS:-70}"
 QUEUED="${QUEUED:-0}"
 QUEUED_RESOURCE="${QUEUED_RESOURCE:-${TPU_NAME}}"
 require_bool QUEUED
@@ -54,6 +59,9 @@ if [[ ! "${MAX_CRASHES}" =~ ^[0-9]+$ ]]; then
 fi
 if [[ ! "${POLL_SECONDS}" =~ ^[0-9]+$ ]]; then
   die "POLL_SECONDS must be a non-negative integer, got '${POLL_SECONDS}'"
+fi
+if [[ ! "${LEASE_WAIT_SECONDS}" =~ ^[0-9]+$ ]]; then
+  die "LEASE_WAIT_SECONDS must be a non-negative integer, got '${LEASE_WAIT_SECONDS}'"
 fi
 if [[ -n "${FAKE_STATE:-}${FAKE_TRAINING:-}" ]] && ! is_dry_run; then
   die "FAKE_STATE='${FAKE_STATE:-}' FAKE_TRAINING='${FAKE_TRAINING:-}' are only for DRY_RUN=1 (they would delete a healthy TPU or kill a live run)"
@@ -159,6 +167,8 @@ while true; do
         fi
         log "training died on the READY TPU ${TPU_NAME}: crash restart ${crashes}/${MAX_CRASHES}"
         run "${kill_rest[@]}" || log "could not kill every worker's process; tpu_train.sh refuses where one lives"
+        # The dead run's workdir lock (dit_jax/workdir_lock.py) is free once its lease expires.
+        run sleep "${LEASE_WAIT_SECONDS}"
         if "${LAUNCH_DIR}/tpu_train.sh"; then
           log "crash restart ${crashes} started: training resumes from the latest checkpoint in ${WORKDIR}"
         else

@@ -478,7 +478,8 @@ def test_gpu_slurm_sbatch_header():
 
 def test_watch_restarts_a_crashed_run_on_a_ready_tpu():
   proc = launch("tpu_watch.sh", **WATCH, FAKE_TRAINING="crashed")
-  assert commands(proc) == [DESCRIBE, PROBE, KILL_REST, *train_commands("gs://bucket/runs/xl2")]
+  assert commands(proc) == [DESCRIBE, PROBE, KILL_REST, ["sleep", "70"],
+                            *train_commands("gs://bucket/runs/xl2")]
   assert "crash restart 1/3" in proc.stderr
   proc = launch("tpu_watch.sh", **WATCH, FAKE_TRAINING="finished")
   assert commands(proc) == [DESCRIBE, PROBE]
@@ -513,6 +514,7 @@ esac
 """)
   gcloud.chmod(0o755)
   proc = launch("tpu_watch.sh", dry_run=False, **WATCH, MAX_CRASHES="1", POLL_SECONDS="0",
+                LEASE_WAIT_SECONDS="0",
                 PATH=f"{bin_dir}:{os.environ['PATH']}", LAUNCH_DIR=str(LAUNCH))
   assert proc.returncode == code, proc.stderr
   assert message in proc.stderr
