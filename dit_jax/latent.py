@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax.convert import vae as convert_vae
 from dit_jax.errors import UserError
 from dit_jax.models.vae import AutoencoderKL
 
@@ -83,7 +84,6 @@ def from_config(config_latent) -> tuple[LatentCodec | None, dict | None]:
   Reads `config.latent.vae_dir` (a local diffusers AutoencoderKL directory; nothing is
   downloaded) and checks its config.json against `scale_factor`, `channels` and `downsample`.
   """
-  from dit_jax.convert import vae as convert_vae  # pylint: disable=import-outside-toplevel
   name = config_latent.encoder
   if name not in ENCODERS:
     raise UserError(f"config.latent.encoder={name!r}; expected one of {ENCODERS}")
