@@ -347,7 +347,8 @@ class DiT(nn.Module):
       `REMAT_POLICIES` (`jax.checkpoint_policies`), e.g. "dots_saveable" keeps the matmul
       outputs (recomputes only the cheap elementwise work); None: nothing but the block input.
     scan: run the blocks as one `lax.scan` (`_scan_blocks`): XLA compiles one block instead
-      of `depth` (faster compiles); same values, same canonical parameters.
+      of `depth` (shorter lowering; on XLA:CPU not a shorter compile, README); same values,
+      same canonical parameters.
     ln_grad_barrier: a fusion barrier on the blocks' LayerNorm-input gradients (`grad_barrier`):
       same values. None (default): on when JAX's default backend is a CPU, off elsewhere
       (`use_ln_grad_barrier`).
