@@ -32,9 +32,9 @@ def _features(params, images, *, model: inception.InceptionV3) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(resize_to: int, precision: str, mesh: Mesh):
+def _jitted(model_type: type, resize_to: int, precision: str, mesh: Mesh):
   """One jitted feature function per model and mesh (extractors share its compilations)."""
-  model = inception.InceptionV3(resize_to=resize_to, precision=precision)
+  model = model_type(resize_to=resize_to, precision=precision)
   return jax.jit(functools.partial(_features, model=model),
                  in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
@@ -56,7 +56,7 @@ class FeatureExtractor:
     sharding.check_global_batch(self.batch_size, mesh, jax.process_count())
     self._batch_sharding = sharding.batch_sharding(mesh)
     self._replicated = sharding.replicated(mesh)
-    self._fn = _jitted(self.model.resize_to, self.model.precision, mesh)
+    self._fn = _jitted(type(self.model), self.model.resize_to, self.model.precision, mesh)
 
   def replicate(self, params):
     """The parameters placed on every device of the mesh (do this once). Built from each
