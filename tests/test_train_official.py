@@ -30,6 +30,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import load_config
@@ -66,13 +67,13 @@ def leaves(tree):
   return [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
-def adamw_torch(p, g, m, v, k):
+def adamw_torch(p, g, m, v, k, lr=LR, b1=B1, b2=B2, eps=EPS, wd=WD):
   """torch.optim.AdamW (single-tensor, amsgrad=False, maximize=False), step k >= 1, float64."""
-  p = p * (1.0 - LR * WD)
-  m = B1 * m + (1.0 - B1) * g
-  v = B2 * v + (1.0 - B2) * g * g
-  denom = np.sqrt(v) / np.sqrt(1.0 - B2 ** k) + EPS
-  return p - (LR / (1.0 - B1 ** k)) * m / denom, m, v
+  p = p * (1.0 - lr * wd)
+  m = b1 * m + (1.0 - b1) * g
+  v = b2 * v + (1.0 - b2) * g * g
+  denom = np.sqrt(v) / np.sqrt(1.0 - b2 ** k) + eps
+  return p - (lr / (1.0 - b1 ** k)) * m / denom, m, v
 
 
 def ulp_bound(ref, n=2):
@@ -220,3 +221,22 @@ def test_own_label_dropout_reaches_the_model(run):
   table = lambda s: np.asarray(s.params["y_embedder"]["embedding_table"]["embedding"])  # noqa
   changed = np.any(table(new) != table(state0), axis=1)
   np.testing.assert_array_equal(changed, np.arange(NULL + 1) == NULL)
+
+
+def test_create_optimizer_honours_every_field():
+  """Away from optax's defaults (which equal the recipe's betas and eps): two steps of
+  `create_optimizer` with lr 0.1, betas (0.5, 0.6), eps 1e-3, weight decay 0.1 are PyTorch's
+  AdamW with those values."""
+  opt = recipe_config().optimizer
+  hp = dict(lr=0.1, b1=0.5, b2=0.6, eps=1e-3, wd=0.1)
+  opt.learning_rate, opt.b1, opt.b2, opt.eps, opt.weight_decay = hp.values()
+  tx, _ = ts.create_optimizer(opt)
+  p = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
+  grads = [np.array([0.3, -1.0, 2e-3, 0.5, -4.0]), np.array([-0.2, 0.7, 1e-3, 0.0, 1.0])]
+  params, state = {"w": jnp.asarray(p, jnp.float32)}, tx.init({"w": jnp.zeros(5)})
+  m = v = 0.0
+  for k, g in enumerate(grads, 1):
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    params = optax.apply_updates(params, updates)
+    p, m, v = adamw_torch(p, g, m, v, k, **hp)
+    np.testing.assert_allclose(np.asarray(params["w"]), p, rtol=2e-6, atol=1e-7)
