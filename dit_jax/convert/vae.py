@@ -25,8 +25,9 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,24 +51,6 @@ def flax_path_to_key(path: tuple[str, ...]) -> str:
   return ".".join(parts + ["weight" if leaf in ("kernel", "scale") else leaf])
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
 
 
 def abstract_params(config: VAEConfig) -> dict:
@@ -91,7 +74,7 @@ def init_params(config: VAEConfig, seed: int = 0) -> dict:
 def _expected(config: VAEConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
   """{diffusers key: (Flax path, torch shape)} of every parameter of `config`."""
   return {flax_path_to_key(p): (p, _torch_shape(p, tuple(s.shape)))
-          for p, s in _flatten(abstract_params(config)).items()}
+          for p, s in traverse_util.flatten_dict(abstract_params(config)).items()}
 
 
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -155,7 +138,7 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], config: VAEConfig, *,
     if tuple(value.shape) != shape:
       raise UserError(f"{source}: {key} has shape {tuple(value.shape)}; expected {shape}")
     flat[path] = _to_flax(path, value.astype(np.float32, copy=False))
-  return _unflatten(flat)
+  return traverse_util.unflatten_dict(flat)
 
 
 def state_dict_from_params(params, *, legacy: bool = False) -> dict[str, np.ndarray]:
@@ -166,7 +149,7 @@ def state_dict_from_params(params, *, legacy: bool = False) -> dict[str, np.ndar
   """
   sd = {}
   inverse = {v: k for k, v in LEGACY_ATTENTION_NAMES.items()}
-  for path, value in _flatten(params).items():
+  for path, value in traverse_util.flatten_dict(params).items():
     key = flax_path_to_key(path)
     if legacy and "attentions" in key:
       head, name, leaf = re.match(r"^(.*attentions\.\d+)\.(.+)\.(weight|bias)$", key).groups()

@@ -32,6 +32,7 @@ import os
 import pathlib
 from typing import Mapping
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,30 +78,12 @@ def abstract_params() -> dict:
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
 
 
-def _flat(tree: Mapping, prefix=()) -> dict[tuple[str, ...], object]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _nest(flat: Mapping[tuple[str, ...], object]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
 
 
 def torch_shapes() -> dict[str, tuple[int, ...]]:
   """Every used state-dict key and its PyTorch shape, in a fixed (sorted) order."""
   shapes = {}
-  for path, leaf in _flat(abstract_params()).items():
+  for path, leaf in traverse_util.flatten_dict(abstract_params()).items():
     shapes[torch_key(path)] = to_torch_layout(path, np.empty(leaf.shape, np.uint8)).shape
   return dict(sorted(shapes.items()))
 
@@ -109,7 +92,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], source: str = "
   """Flax params (float32 numpy) from a PyTorch-layout state dict of numpy arrays."""
   flat = {}
   used = set()
-  for path, leaf in _flat(abstract_params()).items():
+  for path, leaf in traverse_util.flatten_dict(abstract_params()).items():
     key = torch_key(path)
     if key not in state_dict:
       raise UserError(f"{source}: missing key {key!r}; expected the FID Inception-v3 state "
@@ -126,7 +109,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], source: str = "
   if extra:
     raise UserError(f"{source}: unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''} "
                     f"({len(extra)}); expected the FID Inception-v3 state dict")
-  return _nest(flat)
+  return traverse_util.unflatten_dict(flat)
 
 
 def resolve_path(path: str | os.PathLike | None) -> pathlib.Path:
