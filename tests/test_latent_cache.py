@@ -164,7 +164,7 @@ def test_readme_recipe_commands_parse():
   import shlex  # pylint: disable=import-outside-toplevel
   readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
   section = readme[readme.index("## Sampling: `python -m dit_jax.sample`"):
-                   readme.index("## Evaluation")]
+                   readme.index("## Performance")]
   commands = re.findall(r"^(python -m dit_jax\.\w+ .*?)(?<!\\)$", section.replace("\\\n", " "),
                         flags=re.M)
   seen = set()
