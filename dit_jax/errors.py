@@ -27,6 +27,13 @@ class UserError(ValueError):
   """
 
 
+class MissingExtra(UserError, ImportError):
+  """An optional dependency (an install extra) that this input needs is not installed.
+
+  Also an ImportError, for callers that test for one; printed as one line like any UserError.
+  """
+
+
 def one_line(message: str) -> str:
   """`message` folded onto one line (a user error is always one line)."""
   return " ".join(str(message).split())

@@ -252,8 +252,10 @@ def test_tfds_imagenet_source(tiny_imagenet):
 def test_tfds_unprepared_without_tensorflow(tmp_path):
   cfg = _config(name="imagenet2012", data_dir=str(tmp_path), image_size=8,
                 manual_dir=str(tmp_path / "manual"))
-  with pytest.raises(ImportError, match="TensorFlow.*imagenet"):
+  with pytest.raises(ImportError, match="TensorFlow.*imagenet") as e:
     ip.create_source(cfg, "train")
+  assert isinstance(e.value, UserError)  # One line from every command line, no traceback.
+  assert "\n" not in str(e.value)
   with pytest.raises(ImportError, match="TensorFlow"):
     imagenet.prepare_tfds_dataset("imagenet2012", data_dir=str(tmp_path), manual_dir="m")
   with pytest.raises(UserError, match="not prepared"):

@@ -33,7 +33,7 @@ def tensorflow_available() -> bool:
 
 def _require_tensorflow(name: str, data_dir: str | None) -> None:
   if not tensorflow_available():
-    raise ImportError(
+    raise errors.MissingExtra(
         f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and preparing it "
         "needs TensorFlow, which is not installed. Install the extra: "
         "`pip install -e '.[imagenet]'` (tensorflow-cpu), or prepare it once on another "
