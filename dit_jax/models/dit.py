@@ -42,6 +42,9 @@ does not fix every detail; the choices made here are:
   `x = x + MLP(norm3(x))`. CrossAttn has `q` (D), `kv` (2D, `[k | v]`) and `proj` Dense
   layers, xavier-uniform. Final layer as in-context.
 
+Attention (`attention_impl="xla"`), the adaLN LayerNorm + modulation and the MLP's GELU run
+through `ops`, whose backward passes are written out (same values and gradients).
+
 Precision: parameters are stored in `param_dtype` and the computation runs in `dtype`
 (e.g. bfloat16); LayerNorm statistics and the attention softmax are computed in float32, and
 the timestep frequencies are always float32.
@@ -56,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.models import embeddings
+from dit_jax.models import ops
 
 Dtype = Any
 
@@ -111,7 +115,10 @@ def use_ln_grad_barrier(setting: Optional[bool]) -> bool:
   optimisation barriers before fusion, in `cse_barrier_expander`; the barrier acts by keeping
   the algebraic simplifier from merging each LayerNorm backward into that chain.) XLA's GPU
   and TPU fusion passes weigh duplication with a cost model, and there the barrier would only
-  keep a LayerNorm backward from fusing with its neighbours, so it stays off there.
+  keep a LayerNorm backward from fusing with its neighbours, so it stays off there. The adaLN
+  blocks' LayerNorm now has a hand-written backward (`ops.modulated_layer_norm`), with which
+  DiT-S/2's CPU step measured the same with and without the barrier (README); the affine
+  LayerNorms of the in-context and cross-attention designs still rely on it.
   """
   if setting is None:
     return jax.default_backend() == "cpu"
@@ -138,6 +145,19 @@ def layer_norm(name: Optional[str] = None, affine: bool = False, dtype: Dtype = 
                       use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          implementation: Optional[str]) -> jax.Array:
+  """Multi-head attention of `(B, T, N, H)` queries over `(B, S, N, H)` keys and values.
+
+  "xla": `ops.attention` (heads-first, hand-written backward; the same values as
+  `jax.nn.dot_product_attention(implementation="xla")`); "cudnn" or None (JAX picks):
+  `jax.nn.dot_product_attention`, whose cuDNN kernel takes exactly this `(B, T, N, H)` layout.
+  """
+  if implementation == "xla":
+    return ops.attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention (timm `Attention`): single `qkv` Dense, then `proj`.
 
@@ -159,8 +179,7 @@ class Attention(nn.Module):
     dense = lambda f, name: nn.Dense(f, kernel_init=xavier, bias_init=zeros, dtype=self.dtype,  # noqa: E731
                                      param_dtype=self.param_dtype, name=name)
     qkv = dense(3 * d, "qkv")(x).reshape(n, t, 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    o = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
     return dense(d, "proj")(o.reshape(n, t, d))
 
 
@@ -187,8 +206,7 @@ class CrossAttention(nn.Module):
                                      param_dtype=self.param_dtype, name=name)
     q = dense(d, "q")(x).reshape(n, t, self.num_heads, hd)
     kv = dense(2 * d, "kv")(context).reshape(n, s, 2, self.num_heads, hd)
-    o = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1],
-                                     implementation=self.attention_impl)
+    o = dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], self.attention_impl)
     return dense(d, "proj")(o.reshape(n, t, d))
 
 
@@ -209,7 +227,7 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     dense = lambda f, name: nn.Dense(f, kernel_init=xavier, bias_init=zeros, dtype=self.dtype,  # noqa: E731
                                      param_dtype=self.param_dtype, name=name)
-    x = nn.gelu(dense(self.hidden_features, "fc1")(x), approximate=True)
+    x = ops.gelu_tanh(dense(self.hidden_features, "fc1")(x))
     return dense(d, "fc2")(x)
 
 
@@ -251,15 +269,17 @@ class DiTBlock(nn.Module):
       zero = self.block_type == "adaLN-Zero"
       mod = nn.Dense((6 if zero else 4) * d, kernel_init=zeros if zero else xavier,
                      bias_init=zeros, name="adaLN_modulation_1", **kw)(nn.silu(cond))
-      norm = ln(layer_norm(dtype=self.dtype))
+      bar = grad_barrier if self.ln_grad_barrier else (lambda v: v)  # noqa: E731
+      norm_mod = lambda v, shift, scale: ops.modulated_layer_norm(  # noqa: E731
+          bar(v), shift, scale, LN_EPS)
       if zero:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
-        x = x + gate_msa[:, None] * attn(modulate(norm(x), shift_msa, scale_msa))
-        x = x + gate_mlp[:, None] * mlp(modulate(norm(x), shift_mlp, scale_mlp))
+        x = x + gate_msa[:, None] * attn(norm_mod(x, shift_msa, scale_msa))
+        x = x + gate_mlp[:, None] * mlp(norm_mod(x, shift_mlp, scale_mlp))
       else:
         shift_msa, scale_msa, shift_mlp, scale_mlp = jnp.split(mod, 4, -1)
-        x = x + attn(modulate(norm(x), shift_msa, scale_msa))
-        x = x + mlp(modulate(norm(x), shift_mlp, scale_mlp))
+        x = x + attn(norm_mod(x, shift_msa, scale_msa))
+        x = x + mlp(norm_mod(x, shift_mlp, scale_mlp))
       return x
     x = x + attn(ln(layer_norm("norm1", True, **kw))(x))
     if self.block_type == "cross-attention":
