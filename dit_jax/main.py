@@ -31,11 +31,10 @@ workdir that is a file) print one line and exit with code 2; `--debug` shows the
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
-
-import logging as std_logging
 
 from absl import app
 from absl import flags
@@ -46,6 +45,7 @@ from ml_collections import config_flags
 from dit_jax import checkpointing
 from dit_jax import errors
 from dit_jax import sharding
+from dit_jax import shutdown
 from dit_jax import train
 
 PROG = "python -m dit_jax.main"
@@ -130,20 +130,6 @@ def cloud_tpu_pod() -> str | None:
   return None
 
 
-class _NoLibraryInfo(std_logging.Filter):
-  """Drops INFO records of chatty libraries (Orbax logs every stage of every save) and the
-  tracebacks of their error records (one failed save logs the same traceback from each of its
-  threads; the run's own error names the cause)."""
-
-  def filter(self, record):
-    if "/orbax/" not in record.pathname:
-      return True
-    if record.levelno >= std_logging.ERROR and record.exc_info:
-      record.msg = f"{record.getMessage()}: {errors.one_line(record.exc_info[1])}"
-      record.args, record.exc_info, record.exc_text = (), None, None
-    return record.levelno >= std_logging.WARNING
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses the flags of `argv` (program name first); a bad flag or config is a UserError."""
   try:
@@ -170,11 +156,11 @@ def _config_spec(argv) -> str | None:
   return None
 
 
-def _train(argv) -> None:
+def _train(argv, debug: bool = False) -> None:
   if len(argv) > 1:
     raise errors.UserError(f"unexpected arguments: {argv[1:]}")
-  if not _LIBRARY_INFO_LOGS.value:
-    logging.get_absl_handler().addFilter(_NoLibraryInfo())
+  # One line per cause for a failed save's background threads (`--debug`: as printed).
+  shutdown.install(info=_LIBRARY_INFO_LOGS.value, debug=debug)
   sharding.set_num_cpu_devices(_CONFIG.value.mesh)  # Before any backend exists.
   kwargs = distributed_kwargs(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                               _PROCESS_ID.value)
@@ -185,25 +171,21 @@ def _train(argv) -> None:
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
-def _cli(argv: list[str]) -> int:
+def _cli(argv: list[str], debug: bool = False) -> int:
   # config_flags reads the overrides from sys.argv (not from the argv it is given).
   saved, sys.argv = sys.argv, [PROG, *argv]
   if "jax_enable_x64" not in flags.FLAGS:  # JAX's own flags, once per process.
     jax.config.config_with_absl()
   try:
-    app.run(_train, argv=sys.argv, flags_parser=parse_flags)
+    app.run(functools.partial(_train, debug=debug), argv=sys.argv, flags_parser=parse_flags)
   except SystemExit as e:  # app.run ends with sys.exit(main's value).
     return 0 if e.code is None else e.code
   except checkpointing.SaveError as e:
     # The real error as the last line, without the pages that Orbax's background threads and
     # event loops print while the interpreter shuts down after a failed save.
-    if "--debug" in saved:
+    if debug:
       traceback.print_exc()
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    std_logging.shutdown()
-    os._exit(1)  # pylint: disable=protected-access
+    shutdown.exit_now(1, f"{PROG}: error: {e}")
   finally:
     sys.argv = saved
   return 0
@@ -211,7 +193,8 @@ def _cli(argv: list[str]) -> int:
 
 def main(argv=None) -> int:
   """`python -m dit_jax.main`: argv without the program name (default sys.argv[1:])."""
-  return errors.run_cli(PROG, _cli, argv)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  return errors.run_cli(PROG, functools.partial(_cli, debug="--debug" in argv), argv)
 
 
 if __name__ == "__main__":
