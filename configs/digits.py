@@ -134,6 +134,7 @@ def get_config(arg=None):
   config.model.remat = False
   config.model.remat_policy = config_dict.placeholder(str)  # With remat: "dots_saveable"...
   config.model.scan = False  # True: the blocks as one lax.scan (one block compiled; same values).
+  config.model.fused_adaln = False  # True: every block's adaLN modulation in one matmul.
   config.model.ln_grad_barrier = True  # Faster backward on XLA:CPU (same values).
 
   config.optimizer = mc.ConfigDict()

@@ -105,6 +105,7 @@ def make_config(arg, image_size: int):
   config.model.remat = False
   config.model.remat_policy = config_dict.placeholder(str)  # With remat: "dots_saveable"...
   config.model.scan = False  # True: the blocks as one lax.scan (one block compiled; same values).
+  config.model.fused_adaln = False  # True: every block's adaLN modulation in one matmul.
   # None: on for a CPU backend (faster backward on XLA:CPU, same values), off elsewhere.
   config.model.ln_grad_barrier = config_dict.placeholder(bool)
 

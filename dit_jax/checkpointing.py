@@ -69,7 +69,7 @@ RESTORE_ATTEMPTS = 4  # Per step and process, for transient errors (1, 2, 4 s ap
 # other model and diffusion fields must match the checkpoint.
 ARCH_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio")  # As in train.
 COMPUTE_ONLY_MODEL_FIELDS = frozenset({"dtype", "attention_impl", "remat", "remat_policy",
-                                       "ln_grad_barrier", "scan"})
+                                       "ln_grad_barrier", "scan", "fused_adaln"})
 CHECKED_SECTIONS = ("model", "diffusion")
 # Fields added after checkpoints were first written, with the value that reproduces what those
 # checkpoints were trained with: a checkpoint without the field matches a config at this value.

@@ -92,6 +92,7 @@ def build_model(config_model) -> DiT:
       remat=bool(config_model.remat),
       remat_policy=config_model.get("remat_policy"),
       scan=bool(config_model.get("scan", False)),
+      fused_adaln=bool(config_model.get("fused_adaln", False)),
       ln_grad_barrier=config_model.get("ln_grad_barrier"))
   return DiT(**kwargs)
 

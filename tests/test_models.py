@@ -332,3 +332,29 @@ def test_wrong_input_shape_raises():
   with pytest.raises(ValueError, match=r"x must be NHWC \(N, 8, 8, 4\)"):
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 4, 8, 8)), jnp.zeros((2,)),
                    jnp.zeros((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("fast", [dict(fused_adaln=True), dict(fused_adaln=True, scan=True)])
+def test_fused_adaln_is_one_matmul_with_the_same_values(ref_a, fast):
+  """`fused_adaln`: canonical parameters from `init`, ONE (N, D) x (D, depth * 6D) product
+  instead of `depth` (N, D) x (D, 6D) ones, and the per-block model's output (1e-6) and
+  gradients (1e-5), at "highest" matmul precision, on parameters where every path matters."""
+  model, params, x, t, y = _setup(ref_a)
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(4), p.shape),
+                        params)
+  fused = model.clone(**fast)
+  shapes = jax.eval_shape(fused.init, jax.random.key(0), x, t, y)["params"]
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
+
+  def loss(m):
+    return lambda p: jnp.mean(m.apply({"params": p}, x, t, y) ** 2)
+  d, depth = model.hidden_size, model.depth
+  jaxpr = str(jax.make_jaxpr(loss(fused))(params))
+  assert f"f32[{x.shape[0]},{depth * 6 * d}] = dot_general" in jaxpr
+  assert f"f32[{x.shape[0]},{6 * d}] = dot_general" not in jaxpr
+  with jax.default_matmul_precision("highest"):
+    assert rel_err(fused.apply({"params": params}, x, t, y),
+                   model.apply({"params": params}, x, t, y)) <= 1e-6
+    g_ref, g = jax.grad(loss(model))(params), jax.grad(loss(fused))(params)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+    assert rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)

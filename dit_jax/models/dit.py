@@ -234,7 +234,7 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
   """One transformer block of the chosen conditioning design (see the module docstring).
 
-  `__call__(x, cond)`: `cond` is `c = t_emb + y_emb` `(N, D)` for the adaLN designs, the
+  `__call__(x, cond, mod=None)`: `cond` is `c = t_emb + y_emb` `(N, D)` for the adaLN designs, the
   `(N, 2, D)` sequence `[t_emb, y_emb]` for cross-attention, and ignored for in-context
   (the conditioning tokens are already part of `x`).
 
@@ -256,7 +256,8 @@ class DiTBlock(nn.Module):
   ln_grad_barrier: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cond: jax.Array,
+               mod: Optional[jax.Array] = None) -> jax.Array:
     d = x.shape[-1]
     if self.ln_grad_barrier:
       ln = lambda norm: (lambda v: norm(grad_barrier(v)))  # noqa: E731
@@ -267,8 +268,9 @@ class DiTBlock(nn.Module):
     mlp = Mlp(int(d * self.mlp_ratio), name="mlp", **kw)
     if self.block_type in ("adaLN-Zero", "adaLN"):
       zero = self.block_type == "adaLN-Zero"
-      mod = nn.Dense((6 if zero else 4) * d, kernel_init=zeros if zero else xavier,
-                     bias_init=zeros, name="adaLN_modulation_1", **kw)(nn.silu(cond))
+      if mod is None:  # Else `adaLN_modulation_1(SiLU(c))` computed by the caller (fused_adaln).
+        mod = nn.Dense((6 if zero else 4) * d, kernel_init=zeros if zero else xavier,
+                       bias_init=zeros, name="adaLN_modulation_1", **kw)(nn.silu(cond))
       bar = grad_barrier if self.ln_grad_barrier else (lambda v: v)  # noqa: E731
       norm_mod = lambda v, shift, scale: ops.modulated_layer_norm(  # noqa: E731
           bar(v), shift, scale, LN_EPS)
@@ -369,6 +371,8 @@ class DiT(nn.Module):
     scan: run the blocks as one `lax.scan` (`_scan_blocks`): XLA compiles one block instead
       of `depth` (shorter lowering; on XLA:CPU not a shorter compile, README); same values,
       same canonical parameters.
+    fused_adaln: compute every block's adaLN modulation in one matmul (`_fused_modulation`;
+      adaLN designs only): same values, same canonical per-block parameters.
     ln_grad_barrier: a fusion barrier on the blocks' LayerNorm-input gradients (`grad_barrier`):
       same values. None (default): on when JAX's default backend is a CPU, off elsewhere
       (`use_ln_grad_barrier`).
@@ -391,6 +395,7 @@ class DiT(nn.Module):
   ln_grad_barrier: Optional[bool] = None
   scan: bool = False
   remat_policy: Optional[str] = None
+  fused_adaln: bool = False
 
   def __post_init__(self):
     self._validate()
@@ -436,7 +441,20 @@ class DiT(nn.Module):
   def num_tokens(self) -> int:
     return self.grid_size ** 2
 
-  def _scan_blocks(self, tokens: jax.Array, cond: Optional[jax.Array], block_kw) -> jax.Array:
+  def _fused_modulation(self, cond: jax.Array, dtype) -> list[jax.Array]:
+    """Every block's `adaLN_modulation_1(SiLU(c))` as ONE matmul (`fused_adaln=True`, apply
+    only): the canonical kernels `(D, kD)` of `blocks_0` ... `blocks_{depth-1}` are
+    concatenated along the outputs, `SiLU(c) @ [W_0 | ... | W_{L-1}] + [b_0 | ... | b_{L-1}]`,
+    and the product split back per block: the same sums as `depth` separate Dense layers."""
+    params = self.variables["params"]
+    dense = [params[f"blocks_{i}"]["adaLN_modulation_1"] for i in range(self.depth)]
+    kernel = jnp.concatenate([p["kernel"] for p in dense], axis=1).astype(dtype)
+    bias = jnp.concatenate([p["bias"] for p in dense]).astype(dtype)
+    mod = jnp.dot(nn.silu(cond).astype(dtype), kernel) + bias
+    return jnp.split(mod, self.depth, axis=-1)
+
+  def _scan_blocks(self, tokens: jax.Array, cond: Optional[jax.Array], block_kw,
+                   mods: Optional[list[jax.Array]] = None) -> jax.Array:
     """The blocks as one `lax.scan` over their stacked parameters (`scan=True`, apply only).
 
     The parameters stay canonical (`blocks_0` ... `blocks_{depth-1}`, as `init` makes them and
@@ -451,13 +469,14 @@ class DiT(nn.Module):
     block = DiTBlock(parent=None, **block_kw)
     collect = self.is_mutable_collection("intermediates")
 
-    def body(x, p):
-      x = block.apply({"params": p}, x, cond)
+    def body(x, p_mod):
+      p, mod = p_mod
+      x = block.apply({"params": p}, x, cond, mod)
       return x, (x if collect else None)
 
     if self.remat:
       body = jax.checkpoint(body, policy=remat_policy(self.remat_policy))
-    tokens, outs = jax.lax.scan(body, tokens, stacked)
+    tokens, outs = jax.lax.scan(body, tokens, (stacked, None if mods is None else jnp.stack(mods)))
     if collect:
       for i in range(self.depth):
         self.sow("intermediates", f"block{i}", outs[i])
@@ -513,13 +532,16 @@ class DiT(nn.Module):
     block_kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                     block_type=self.block_type, attention_impl=self.attention_impl,
                     ln_grad_barrier=use_ln_grad_barrier(self.ln_grad_barrier), **kw)
+    mods = [None] * self.depth
+    if self.fused_adaln and adaptive and not self.is_initializing():
+      mods = self._fused_modulation(cond, dtype)
     if self.scan and not self.is_initializing():
-      tokens = self._scan_blocks(tokens, cond, block_kw)
+      tokens = self._scan_blocks(tokens, cond, block_kw, None if mods[0] is None else mods)
     else:
       policy = remat_policy(self.remat_policy)
       block_cls = nn.remat(DiTBlock, policy=policy) if self.remat else DiTBlock
       for i in range(self.depth):
-        tokens = block_cls(name=f"blocks_{i}", **block_kw)(tokens, cond)
+        tokens = block_cls(name=f"blocks_{i}", **block_kw)(tokens, cond, mods[i])
         self.sow("intermediates", f"block{i}", tokens)
     if self.block_type == "in-context":
       tokens = tokens[:, :self.num_tokens]
