@@ -188,6 +188,27 @@ def test_rescaled_loss_types_scale_the_official_vb(ref_diffusion):
   np.testing.assert_array_equal(out["mse"], 0.0)
 
 
+def test_vb_terms_with_clip_denoised_use_the_official_clipped_mean(ref_diffusion):
+  """`vb_terms_bpd(clip_denoised=True)` (the official calc_bpd_loop's setting): the model's
+  mean comes from the clipped x_0 prediction. KL in bits written out in float64 from the
+  official q_posterior and p_mean_variance(clip_denoised=True) vectors (t > 0)."""
+  ref = ref_diffusion
+  diff = make(ref, "base")
+  x0, _, _, mo = inputs(ref)
+  x_t = nhwc(ref["base/q_sample"])
+  t = np.asarray(ref["base/t"])
+  assert rel_err(ref["base/pmv_clip/pred_xstart"], ref["base/pmv_noclip/pred_xstart"]) > 1e-2
+  out = dd.vb_terms_bpd(diff, mo, x0, x_t, jnp.asarray(t), clip_denoised=True)
+  assert rel_err(to_nchw(out["pred_xstart"]), ref["base/pmv_clip/pred_xstart"]) <= 1e-5
+  m1, lv1 = (ref[f"base/q_posterior/{k}"].astype(np.float64)
+             for k in ("mean", "log_variance_clipped"))
+  m2, lv2 = (ref[f"base/pmv_clip/{k}"].astype(np.float64) for k in ("mean", "log_variance"))
+  kl = 0.5 * (-1.0 + lv2 - lv1 + np.exp(lv1 - lv2) + (m1 - m2) ** 2 * np.exp(-lv2))
+  want = kl.mean(axis=(1, 2, 3)) / np.log(2.0)
+  # atol: float32 cancellation in -1 + exp(lv1 - lv2) where the KL is ~1e-6 (t = 999).
+  np.testing.assert_allclose(np.asarray(out["output"])[t > 0], want[t > 0], rtol=1e-5, atol=1e-7)
+
+
 def test_vb_gradient_reaches_only_variance_channels(ref_diffusion):
   diff = dd.create_diffusion("")
   x0, noise, _, mo = inputs(ref_diffusion)

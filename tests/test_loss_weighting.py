@@ -20,6 +20,9 @@ def test_min_snr_weights_eps_prediction():
   w = np.asarray(dd.losses.min_snr_weights(diff, t, 5.0))
   snr = diff.alphas_cumprod / (1.0 - diff.alphas_cumprod)
   np.testing.assert_allclose(w, np.minimum(snr, 5.0) / snr, rtol=1e-6)
+  # Any gamma > 0 is valid, gamma <= 1 included.
+  np.testing.assert_allclose(dd.losses.min_snr_weights(diff, t, 0.5), np.minimum(snr, 0.5) / snr,
+                             rtol=1e-6)
   # Low noise (SNR > gamma) is down-weighted, high noise (SNR <= gamma) keeps weight 1.
   assert w[0] < 1e-3 and np.all(w[snr <= 5.0] == 1.0) and np.all(w[snr > 5.0] < 1.0)
   assert np.all(np.diff(w) >= 0)  # monotone in t for a monotone schedule
@@ -66,6 +69,18 @@ def test_uniform_timesteps_are_the_official_randint():
   key = jax.random.key(3)
   np.testing.assert_array_equal(dd.sample_timesteps(key, 16, 1000, "uniform"),
                                 jax.random.randint(key, (16,), 0, 1000))
+  np.testing.assert_array_equal(dd.sample_timesteps(key, 16, 1000),  # The default method.
+                                jax.random.randint(key, (16,), 0, 1000))
+
+
+def test_power_timesteps_stay_below_num_timesteps_when_u_rounds_to_one(monkeypatch):
+  """u^(1 / (power + 1)) rounds to 1.0 in float32 for the largest u < 1 when power >= 2, so
+  floor(T u) = T: the draw must be clamped to the last step T - 1."""
+  top = np.nextafter(np.float32(1.0), np.float32(0.0))
+  assert np.float32(top ** np.float32(1.0 / 3.0)) == 1.0
+  monkeypatch.setattr(jax.random, "uniform", lambda key, shape: jnp.full(shape, top))
+  t = dd.sample_timesteps(jax.random.key(0), 4, 1000, "uniform", 2.0)
+  np.testing.assert_array_equal(t, [999] * 4)
 
 
 @pytest.mark.parametrize("n", [8, 32, 7])
