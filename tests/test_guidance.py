@@ -71,6 +71,21 @@ def test_official_mode_rejects_other_channel_counts():
   assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
 
 
+def test_combine_fixed_variance_outputs_and_bad_inputs():
+  """Fixed-variance models output C channels only: all of them are guided ("all")."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(2))
+  cond, uncond = jax.random.normal(k1, (2, 8, 8, 3)), jax.random.normal(k2, (2, 8, 8, 3))
+  np.testing.assert_allclose(dd.combine(cond, uncond, 2.5, "all", 3),
+                             uncond + 2.5 * (cond - uncond), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"mode='half'; expected one of \('all', 'official'\)"):
+    dd.combine(cond, uncond, 2.5, "half", 3)
+  with pytest.raises(ValueError, match=r"out_cond \(2, 8, 8, 3\) and out_uncond \(1, 8, 8, 3\)"):
+    dd.combine(cond, uncond[:1], 2.5, "all", 3)
+  # H = W = 8 >= eps_channels = 4 > 3 channels: the channel axis is the last one.
+  with pytest.raises(ValueError, match="output has 3 channels < eps_channels=4"):
+    dd.combine(cond, uncond, 2.5, "all", 4)
+
+
 def test_guidance_interval_guides_only_inside():
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 4, 1))
   y = jnp.array([1, 2, 3, 4])
@@ -92,6 +107,10 @@ def test_guidance_interval_guides_only_inside():
                                           interval=(200, 600)))
   t_out = jnp.full((4,), 900)
   np.testing.assert_array_equal(g(x, t_out, y), size_marking_model(x, t_out, y))  # size 4
+  t_hi = jnp.full((4,), 600)  # hi is outside: still the undoubled call
+  np.testing.assert_array_equal(g(x, t_hi, y), size_marking_model(x, t_hi, y))
+  t_lo = jnp.full((4,), 200)  # lo is inside: the doubled call, guided
+  np.testing.assert_allclose(g(x, t_lo, y), full(x, t_lo, y) + 8e-3, rtol=1e-6, atol=1e-5)
   t_mixed = jnp.array([900, 300, 900, 900])  # one sample inside: the doubled call (size 8)
   np.testing.assert_allclose(g(x, t_mixed, y)[0], _fake_model(x, t_mixed, y)[0] + 8e-3,
                              rtol=1e-6, atol=1e-6)
@@ -99,5 +118,11 @@ def test_guidance_interval_guides_only_inside():
 
 @pytest.mark.parametrize("bad", [(5, 5), (-1, 10), (1,), "ab", (1, 2, 3)])
 def test_guidance_interval_rejects_bad_values(bad):
-  with pytest.raises(ValueError, match="interval"):
+  with pytest.raises(ValueError, match=r"^interval="):
     dd.classifier_free_guidance(_fake_model, 3.0, null_label=10, interval=bad)
+
+
+def test_guidance_interval_may_start_at_step_zero():
+  assert dd.guidance.check_interval(None) is None
+  assert dd.guidance.check_interval(np.array([0, 10])) == (0, 10)
+  assert type(dd.guidance.check_interval((0.0, 10.0))[0]) is int

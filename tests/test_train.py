@@ -86,6 +86,32 @@ def test_optimizer_warmup_and_clipping():
     ts.create_optimizer(config.optimizer)
 
 
+def test_learning_rate_warmup_then_cosine_decay():
+  """lr(s) = lr min(1, (s + 1) / W) (1 + cos(pi clip((s - W) / (D - W), 0, 1))) / 2, written out
+  here; 0 from step D on. Without decay the warmup holds lr."""
+  config = load_config()
+  opt = config.optimizer
+  opt.learning_rate, opt.warmup_steps, opt.cosine_decay_steps = 2.0, 3, 7
+  schedule = ts.learning_rate_schedule(opt)
+  steps = np.arange(10)
+  warm = np.minimum(1.0, (steps + 1) / 3)
+  cosine = 0.5 * (1 + np.cos(np.pi * np.clip((steps - 3) / 4, 0.0, 1.0)))
+  np.testing.assert_allclose([float(schedule(s)) for s in steps], 2.0 * warm * cosine,
+                             rtol=1e-6, atol=1e-7)
+  opt.warmup_steps = 0  # Decay from step 0, no warmup.
+  np.testing.assert_allclose([float(ts.learning_rate_schedule(opt)(s)) for s in (0, 7, 9)],
+                             [2.0, 0.0, 0.0], atol=1e-7)
+  opt.warmup_steps, opt.cosine_decay_steps = 2, 0
+  np.testing.assert_allclose([float(ts.learning_rate_schedule(opt)(s)) for s in (0, 1, 50)],
+                             [1.0, 2.0, 2.0], rtol=1e-6)
+  for field, value in (("learning_rate", 0.0), ("warmup_steps", -1), ("cosine_decay_steps", 2)):
+    bad = load_config().optimizer
+    bad.warmup_steps, bad.cosine_decay_steps = 2, 5
+    bad[field] = value
+    with pytest.raises(UserError, match=f"config.optimizer.{field} must be"):
+      ts.learning_rate_schedule(bad)
+
+
 def test_latent_encoder_plugs_in_and_nonfinite_loss_keeps_last_checkpoint(tmp_path):
   config = load_config()
   config.latent.encoder = "sd-vae-ft-mse"
