@@ -58,3 +58,14 @@ def test_modulated_layer_norm_matches_flax(dtype, tol):
 def test_gelu_tanh_matches_jax(dtype, tol):
   x = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float32).astype(dtype)
   _check(ops.gelu_tanh, lambda x: nn.gelu(x, approximate=True), (x,), tol)
+
+
+@pytest.mark.parametrize("impl", ["xla", None])
+def test_dit_attention_routes_to_ops(impl):
+  """`attention_impl="xla"`, and None on a CPU (JAX would pick "xla" there), run
+  `ops.attention` ("cudnn" stays `jax.nn.dot_product_attention`; it cannot run on a CPU)."""
+  q = _normal(0, (1, 4, 2, 8), jnp.float32)
+  jaxpr = str(jax.make_jaxpr(lambda q: dit.dot_product_attention(q, q, q, impl))(q))
+  assert "custom_vjp_call" in jaxpr
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(
+      lambda q: jax.nn.dot_product_attention(q, q, q, implementation=impl))(q))

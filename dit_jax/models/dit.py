@@ -149,11 +149,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           implementation: Optional[str]) -> jax.Array:
   """Multi-head attention of `(B, T, N, H)` queries over `(B, S, N, H)` keys and values.
 
-  "xla": `ops.attention` (heads-first, hand-written backward; the same values as
-  `jax.nn.dot_product_attention(implementation="xla")`); "cudnn" or None (JAX picks):
-  `jax.nn.dot_product_attention`, whose cuDNN kernel takes exactly this `(B, T, N, H)` layout.
+  "xla", and None on a CPU backend (where JAX would pick "xla"): `ops.attention` (heads-first,
+  hand-written backward; the same values as `jax.nn.dot_product_attention(implementation=
+  "xla")`); "cudnn", or None elsewhere (JAX picks): `jax.nn.dot_product_attention`, whose cuDNN
+  kernel takes exactly this `(B, T, N, H)` layout.
   """
-  if implementation == "xla":
+  if implementation == "xla" or (implementation is None and jax.default_backend() == "cpu"):
     return ops.attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
