@@ -188,15 +188,20 @@ def test_transient_errors_are_retried_and_bugs_raised(tmp_path, toy_workdir, mon
 
 def test_checksums_are_mesh_independent_and_see_one_bit():
   x = np.random.default_rng(0).standard_normal((64, 24)).astype(np.float32)
-  tree = {"a": jnp.asarray(x), "b": jnp.asarray(x, jnp.bfloat16), "n": jnp.int32(7)}
-  mesh = jax.make_mesh((8,), ("f",))
+  tree = {"a": jnp.asarray(x), "b": jnp.asarray(x, jnp.bfloat16), "n": jnp.int32(7),
+          "k": jax.random.key(3), "m": jnp.asarray(x > 0), "u": jnp.asarray(x * 9, jnp.int8)}
+  mesh = jax.make_mesh((2, 4), ("x", "y"))
   P = jax.sharding.PartitionSpec
-  sharded = jax.device_put(tree, {"a": jax.sharding.NamedSharding(mesh, P("f")),
-                                  "b": jax.sharding.NamedSharding(mesh, P(None, "f")),
-                                  "n": jax.sharding.NamedSharding(mesh, P())})
+  specs = {"a": P(("x", "y")), "b": P(None, "y"), "n": P(), "k": P(), "m": P("y"),
+           "u": P("x", "y")}  # b, m: replicated over x; n, k: over every device.
+  sharded = jax.device_put(tree, {k: jax.sharding.NamedSharding(mesh, v)
+                                  for k, v in specs.items()})
   summary = integrity.summarize(tree)
-  assert integrity.summarize(sharded) == summary
+  for where in ("device", "host"):  # XLA's reduction, or numpy's over each host's shards.
+    assert integrity.summarize(tree, where) == summary
+    assert integrity.summarize(sharded, where) == summary
   assert summary["leaves"][0] == ["['a']", int(x.view(np.uint32).astype(np.uint64).sum() % 2**32)]
+  assert summary["leaves"][3] == ["['m']", int((x > 0).sum())]
   flipped = x.copy()
   flipped.view(np.uint32)[5, 3] ^= 1 << 31
   assert integrity.mismatches(summary, integrity.summarize(dict(tree, a=jnp.asarray(flipped)))) \
