@@ -397,18 +397,19 @@ def test_abandoned_writes_and_repeated_library_errors_are_one_line_per_cause(mon
   import tensorstore as tensorstore_lib  # pylint: disable=import-outside-toplevel
 
   def failed_save():
+    futures = []
+
     async def writes():
       store = await tensorstore_lib.open(
           {"driver": "zarr", "kvstore": {"driver": "memory"}}, create=True,
           dtype=tensorstore_lib.float32, shape=[4000, 4000])
-      futures = [store[i * 400:(i + 1) * 400].write(np.ones((400, 4000), np.float32))
-                 for i in range(10)]
+      futures.extend(store[i * 400:(i + 1) * 400].write(np.ones((400, 4000), np.float32))
+                     for i in range(10))
 
       async def first_write_fails():
         raise OSError(28, "No space left on device")
 
       await asyncio.gather(first_write_fails(), *[_await(f) for f in futures])
-      return futures
 
     async def _await(future):
       await future
@@ -417,7 +418,9 @@ def test_abandoned_writes_and_repeated_library_errors_are_one_line_per_cause(mon
     with pytest.raises(OSError):
       loop.run_until_complete(writes())
     loop.close()
-    time.sleep(1.0)  # The other writes complete, on the closed loop.
+    for future in futures:  # The other writes complete, on the closed loop.
+      future.result()
+    time.sleep(0.5)  # Their callbacks follow (within this test, not a later one).
 
   raw = []
   monkeypatch.setattr(sys, "unraisablehook", raw.append)
