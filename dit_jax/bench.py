@@ -331,6 +331,11 @@ def _main(argv: list[str]) -> int:
     raise errors.UserError(errors.config_override_error(argv, e)) from e
   except (flags.Error, ValueError, FileNotFoundError) as e:
     raise errors.UserError(str(e)) from e
+  try:
+    config.mesh  # pylint: disable=pointless-statement  (config_flags defers a load failure)
+  except OSError as e:
+    raise errors.UserError(f"--config={fv['config'].config_filename}: cannot load it "
+                           f"({errors.one_line(str(e).splitlines()[-1])}).") from e
   if fv["steps"].value < 1 or fv["warmup"].value < 0:
     raise errors.UserError(f"--steps={fv['steps'].value} must be >= 1 and "
                            f"--warmup={fv['warmup'].value} >= 0")

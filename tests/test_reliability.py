@@ -513,3 +513,20 @@ def test_non_finite_guard_names_the_checkpoint_and_advises_only_what_applies(tmp
   empty = checkpointing.create_manager(str(tmp_path), _section())
   with pytest.raises(FloatingPointError, match="no checkpoint was saved yet"):
     train._check_finite(3, metrics, tmp_path, empty)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("dit_jax.bench", ["--config=configs/nope.py"],
+     "--config=configs/nope.py: cannot load it ([Errno 2] No such file"),
+    ("dit_jax.convert", ["import", "--variant", "DiT-Q/3", "a.pt", "b.msgpack"],
+     "cannot build the model from {'variant': 'DiT-Q/3'}: unknown DiT variant 'DiT-Q/3'"),
+])
+def test_bad_inputs_that_printed_tracebacks_are_one_line(command, argv, message, capsys,
+                                                          monkeypatch):
+  import importlib  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(REPO)
+  main = importlib.import_module(command if command != "dit_jax.convert" else
+                                 "dit_jax.convert.__main__").main
+  assert main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"python -m {command}: error: {message}"), err

@@ -87,7 +87,7 @@ def _build(args):
   kwargs = model_kwargs_from_args(args)
   try:
     return io.build_model(kwargs)
-  except (KeyError, TypeError) as e:
+  except (KeyError, TypeError, ValueError) as e:  # ValueError: an unknown variant or field.
     raise UserError(f"cannot build the model from {kwargs}: {e}") from None
 
 
