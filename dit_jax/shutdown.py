@@ -8,7 +8,9 @@ background threads do not stop together, and without care each of them prints:
   * Orbax awaits the array writes with `asyncio.gather` in a fresh event loop that it closes as
     soon as the first write fails; every tensorstore write still in flight then completes on a
     closed loop, and tensorstore reports each one through `sys.unraisablehook`
-    ("RuntimeError: Event loop is closed", 6 lines each; 92 of them in one run here);
+    ("RuntimeError: Event loop is closed", 6 lines each; 92 of them in one run here); a failed
+    restore likewise abandons Orbax's read coroutines, each reported with a tensorstore spec
+    (~60 lines);
   * interpreter shutdown with those threads still alive adds more ("ImportError: sys.meta_path
     is None").
 
@@ -74,8 +76,12 @@ class LibraryLogFilter(std_logging.Filter):
     return self._info or record.levelno >= std_logging.WARNING
 
 
-def is_abandoned_write(unraisable) -> bool:
-  """A write that finished after its event loop was closed (a sibling write failed first)."""
+def is_abandoned_io(unraisable) -> bool:
+  """An asynchronous read or write abandoned when a sibling failed first: a tensorstore write
+  that completed after its event loop was closed, or an Orbax coroutine finalised mid-await."""
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None and "/orbax/" in code.co_filename:
+    return True
   if not (isinstance(unraisable.exc_value, RuntimeError)
           and str(unraisable.exc_value) == "Event loop is closed"):
     return False
@@ -91,8 +97,8 @@ def route_unraisable(previous: Callable) -> Callable:
   """A `sys.unraisablehook` that drops abandoned writes' reports and passes on the rest."""
 
   def hook(unraisable):
-    if is_abandoned_write(unraisable):
-      logging.vlog(1, "An asynchronous write completed after its event loop closed.")
+    if is_abandoned_io(unraisable):
+      logging.vlog(1, "Abandoned asynchronous I/O: %s", errors.one_line(unraisable.exc_value))
       return
     previous(unraisable)
 
