@@ -324,6 +324,9 @@ def _main(argv: list[str]) -> int:
   argv = [PROG] + list(argv)
   fv = flags.FlagValues()
   _define_flags(fv, argv)
+  if {"--help", "-h", "--helpfull"} & set(argv):
+    print(f"{__doc__}\n{fv.get_help()}")
+    return 0
   try:
     fv(argv)
     config = fv["config"].value

@@ -99,6 +99,9 @@ _SPLITS = flags.DEFINE_list("splits", None, "Splits to prepare; default config.d
 
 
 def _cli(argv: list[str]) -> int:
+  if {"--help", "-h", "--helpfull"} & set(argv):
+    print(f"{__doc__}\n{_FLAGS.get_help()}")
+    return 0
   saved, sys.argv = sys.argv, [PROG, *argv]  # config_flags reads overrides from sys.argv.
   try:
     try:

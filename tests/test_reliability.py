@@ -540,3 +540,12 @@ def test_bad_inputs_that_printed_tracebacks_are_one_line(command, argv, message,
   assert main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f"python -m {command}: error: {message}"), err
+
+
+@pytest.mark.parametrize("command, flag", [("dit_jax.bench", "--steps"),
+                                           ("dit_jax.prepare", "--splits")])
+def test_help_prints_the_flags(command, flag, capsys):
+  import importlib  # pylint: disable=import-outside-toplevel
+  assert importlib.import_module(command).main(["--help"]) == 0  # Was "Unknown flag 'help'".
+  out = capsys.readouterr().out
+  assert out.startswith(f"{importlib.import_module(command).__doc__.splitlines()[0]}") and flag in out
