@@ -467,6 +467,11 @@ def move_aside(manager: ocp.CheckpointManager, step: int) -> epath.Path:
   source = step_directory(manager, step)
   corrupt = epath.Path(manager.directory).parent / CORRUPT
   corrupt.mkdir(parents=True, exist_ok=True)
+  if "://" in str(corrupt) and not corrupt.exists():
+    # GCS has no empty folders (mkdir writes nothing) and epath's rename wants the target's
+    # folder to exist: an object in it makes it exist (tests/test_gcs.py).
+    (corrupt / "README.txt").write_text(
+        "Checkpoint steps found damaged at resume, moved here by dit_jax (never deleted).\n")
   target = corrupt / str(step)
   n = 1
   while target.exists():
