@@ -394,6 +394,8 @@ def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
   def get_sampler(batch_size, autoguided=False):
     # One compile per batch size; grids use their exact size and the EMA model alone (the
     # autoguidance guide is an earlier checkpoint), the final samples use the sampling config.
+    # Without autoguidance both are the same function: the final samples reuse a grid's compile.
+    autoguided = autoguided and guide_step is not None
     if (batch_size, autoguided) not in samplers:
       samplers[batch_size, autoguided] = sampling.Sampler(
           model, config, mesh, input_shape, decode_fn, batch_size=batch_size,
