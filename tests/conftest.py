@@ -28,12 +28,12 @@ DATA_DIR = pathlib.Path(__file__).parent / "data"
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
-def load_config(name="testing", **overrides):
-  """`configs/<name>.py`'s get_config(None), with `section__field=value` overrides."""
+def load_config(name="testing", arg=None, **overrides):
+  """`configs/<name>.py`'s get_config(arg), with `section__field=value` overrides."""
   spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(None)
+  config = module.get_config(arg)
   for path, value in overrides.items():
     section, field = path.split("__")
     config[section][field] = value

@@ -1,14 +1,15 @@
 """Preemption: a SIGTERM checkpoints the current step on every process and exits 0.
 
 Runs `python -m dit_jax.main --config=configs/testing.py` in subprocesses. A small wrapper
-sends a real SIGTERM to its own process when training reaches a chosen step (from inside
-Orbax's `CheckpointManager.should_save`, which the loop calls at every step boundary), so the
-signal always lands mid-run, never during start-up.
+(`main_cmd`) sends a real SIGTERM to its own process when training reaches a chosen step (from
+inside Orbax's `CheckpointManager.should_save`, which the loop calls at every step boundary), so
+the signal always lands mid-run, never during start-up.
 
-  one process:   0 -> SIGTERM at step 3 -> the checkpoint of step 4 (the next boundary),
-                 exit 0; the same command then resumes at 4 and trains to 6, and the final
-                 state is bit-identical to an uninterrupted 0 -> 6 run.
-  two processes: (jax.distributed on 127.0.0.1, preparing a tiny TFDS set once: see the
+  one process:   in tests/test_gcs.py, on a gs:// workdir (one chain of runs shared with the
+                 gs:// tests): SIGTERM at step 4 -> the checkpoint of step 5 (the next
+                 boundary, not a cadence step), exit 0; the same command then resumes at 5 and
+                 trains to 6, and the final state is bit-identical to an uninterrupted run's.
+  two processes: here (jax.distributed on 127.0.0.1, preparing a tiny TFDS set once: see the
                  test) SIGTERM to process 1 only: JAX's preemption sync point makes both
                  stop at the same step, save it together, exit 0.
 """
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import textwrap
 
-from test_resume import assert_checkpoints_equal, subprocess_env  # pylint: disable=g-bad-import-order
+from test_resume import subprocess_env  # pylint: disable=g-bad-import-order
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OVERRIDES = [
@@ -50,50 +51,28 @@ _SIGNALLER = textwrap.dedent("""
 """)
 
 
-def _cmd(workdir, signal_step, total_steps, *extra, import_first="os"):
+def main_cmd(signal_step, *flags, import_first="os"):
+  """`python -m dit_jax.main *flags`, sending itself a SIGTERM at step `signal_step` (-1: never);
+  `import_first` names a module imported before (e.g. one registering a TFDS builder)."""
   return [sys.executable, "-c", f"import {import_first}\n" + _SIGNALLER, str(signal_step),
-          f"--config={REPO / 'configs' / 'testing.py'}", f"--workdir={workdir}",
-          f"--config.total_steps={total_steps}", *OVERRIDES, *extra]
+          *flags]
+
+
+def _cmd(workdir, signal_step, total_steps, *extra, import_first="os"):
+  return main_cmd(signal_step, f"--config={REPO / 'configs' / 'testing.py'}",
+                  f"--workdir={workdir}", f"--config.total_steps={total_steps}", *OVERRIDES,
+                  *extra, import_first=import_first)
 
 
 def _steps(workdir):
   return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-def _stopped_at(stderr):
+def stopped_at(stderr):
+  """The step of the run's one "Stopped at step <s>" line."""
   lines = [l for l in stderr.splitlines() if "Stopped at step" in l]
   assert len(lines) == 1, stderr[-3000:]
   return int(lines[0].split("Stopped at step ")[1].split()[0])
-
-
-def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(tmp_path):
-  env = subprocess_env(tmp_path / "jax_cache")
-  straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-
-  def start(workdir, signal_step):
-    return subprocess.Popen(_cmd(workdir, signal_step, 6), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-  def finish(popen):
-    out, err = popen.communicate(timeout=300)
-    assert popen.returncode == 0, err[-5000:]
-    popen.stdout, popen.stderr = out, err
-    return popen
-
-  def run(workdir, signal_step):
-    return finish(start(workdir, signal_step))
-
-  reference = start(straight, -1)  # The two first runs side by side (2 cores).
-  proc = run(stopped, 3)
-  finish(reference)
-  assert "SIGTERM at step 3" in proc.stdout
-  assert _stopped_at(proc.stderr) == 4  # The next step boundary.
-  assert "(SIGTERM)" in proc.stderr
-  assert _steps(stopped) == [4]
-  proc = run(stopped, -1)  # The same command resumes.
-  assert "Resumed at step 4" in proc.stderr
-  assert _steps(stopped) == [4, 6]
-  assert_checkpoints_equal(straight, stopped, 6)
 
 
 def test_two_processes_prepare_once_and_stop_together_on_sigterm(tmp_path):
@@ -139,7 +118,7 @@ def test_two_processes_prepare_once_and_stop_together_on_sigterm(tmp_path):
   assert "Process 0 prepares the data (if needed) while 1 others wait." in texts[0]
   # The stop: the same step on both, one checkpoint with both processes' shards.
   assert "SIGTERM at step 3" in texts[1] and "SIGTERM at step" not in texts[0]
-  step_0, step_1 = _stopped_at(texts[0]), _stopped_at(texts[1])
+  step_0, step_1 = stopped_at(texts[0]), stopped_at(texts[1])
   assert step_0 == step_1 and 3 <= step_1 < 40
   assert "(preemption notice)" in texts[0] and "(preemption notice)" in texts[1]
   assert _steps(workdir) == [step_1]
