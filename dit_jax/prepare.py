@@ -57,7 +57,7 @@ def source_for_training(config_data, split: str, process_index: int, process_cou
   prepare = bool(input_pipeline._get(config_data, "prepare", False))  # pylint: disable=protected-access
   if process_count == 1 or not prepare:
     return input_pipeline.create_source(config_data, split=split)
-  barrier = barrier or _distributed_barrier
+  barrier = barrier or wait_for_all_processes
   source = None
   if process_index == 0:
     logging.info("Process 0 prepares the data (if needed) while %d others wait.",
@@ -69,13 +69,14 @@ def source_for_training(config_data, split: str, process_index: int, process_cou
   return source
 
 
-def _distributed_barrier(name: str) -> None:
+def wait_for_all_processes(name: str, timeout_ms: int = BARRIER_TIMEOUT_MS) -> None:
+  """A barrier of the jax.distributed coordination service (no device collective)."""
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   client = distributed.global_state.client
   if client is None:
     raise RuntimeError("several JAX processes but no jax.distributed client: call "
                        "jax.distributed.initialize() first.")
-  client.wait_at_barrier(name, BARRIER_TIMEOUT_MS)
+  client.wait_at_barrier(name, timeout_ms)
 
 
 def prepare(config_data, splits=None) -> list[str]:

@@ -440,6 +440,10 @@ def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
       compiled = step_fn.lower(state, batch, train_rng, *vae_args).compile()
       logging.info("Compiled the train step in %.1fs; %.3g model FLOPs per step.",
                    time.perf_counter() - t0, flops)
+      if jax.process_count() > 1:
+        # CPU collectives (gloo) fail when a peer's first call comes over 30 s later, as after
+        # a slower compile on a loaded host: start stepping together.
+        data_prepare.wait_for_all_processes("dit_jax_train_step_compiled")
       throughput = metrics_lib.Throughput(step, global_batch_size, flops, peak_total)
     state, step_metrics = compiled(state, batch, train_rng, *vae_args)
     step += 1

@@ -67,4 +67,4 @@ def test_source_for_training_process_0_prepares_before_the_barrier():
   finally:
     prepare.input_pipeline.create_source = original
   with pytest.raises(RuntimeError, match="jax.distributed"):
-    prepare._distributed_barrier("x")  # pylint: disable=protected-access
+    prepare.wait_for_all_processes("x")
