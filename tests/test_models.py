@@ -63,6 +63,16 @@ def test_timestep_embedding_layout():
   np.testing.assert_allclose(emb[1], np.concatenate([np.cos(3 * f), np.sin(3 * f)]), rtol=1e-6)
   np.testing.assert_array_equal(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])  # cos first
   assert embeddings.timestep_embedding(jnp.array([1]), dim=7).shape == (1, 7)
+  assert embeddings.timestep_embedding(jnp.array([1])).shape == (1, 256)  # DiT's default
+
+
+def test_timestep_embedder_call_matches_official(ref_a):
+  """`TimestepEmbedder(t)` on its own (DiT calls `embed_frequencies` on shared features): the
+  official `t_embedder(t)` activations."""
+  model, params, _, t, _ = _setup(ref_a)
+  emb = embeddings.TimestepEmbedder(model.hidden_size)
+  out = emb.apply({"params": params["t_embedder"]}, jnp.asarray(t))
+  assert rel_err(out, ref_a["fwd/act/t_embedder"]) <= 1e-5
 
 
 def test_init_matches_official():
@@ -238,8 +248,10 @@ def test_bfloat16_compute_close_to_float32(ref_a):
   model, params, x, t, y = _setup(ref_a)
   out32, _ = _apply_fn(model)(params, x, t, y)
   bf = model.clone(dtype="bfloat16")
-  out16, _ = _apply_fn(bf)(params, x, t, y)
+  out16, state16 = _apply_fn(bf)(params, x, t, y)
   assert out16.dtype == jnp.bfloat16
+  for name in ("x_embedder", "t_embedder", "y_embedder"):  # Every embedder computes in bf16.
+    assert state16["intermediates"][name]["out"][0].dtype == jnp.bfloat16, name
   assert rel_err(out16.astype(jnp.float32), out32) < 5e-2
   # bf16 parameters too.
   bfp = model.clone(dtype=jnp.bfloat16, param_dtype="bfloat16")

@@ -4,6 +4,7 @@ and the stop on a non-finite loss (keeping the last good checkpoint)."""
 from etils import epath
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -101,6 +102,13 @@ def test_learning_rate_warmup_then_cosine_decay():
   opt.warmup_steps = 0  # Decay from step 0, no warmup.
   np.testing.assert_allclose([float(ts.learning_rate_schedule(opt)(s)) for s in (0, 7, 9)],
                              [2.0, 0.0, 0.0], atol=1e-7)
+  opt.cosine_decay_steps = 1
+  np.testing.assert_allclose([float(ts.learning_rate_schedule(opt)(s)) for s in (0, 1)],
+                             [2.0, 0.0], atol=1e-7)
+  # A config written before cosine_decay_steps existed: constant.
+  old = ml_collections.ConfigDict({"learning_rate": 2.0, "warmup_steps": 0})
+  np.testing.assert_allclose([float(ts.learning_rate_schedule(old)(s)) for s in (0, 1, 50)],
+                             [2.0, 2.0, 2.0])
   opt.warmup_steps, opt.cosine_decay_steps = 2, 0
   np.testing.assert_allclose([float(ts.learning_rate_schedule(opt)(s)) for s in (0, 1, 50)],
                              [1.0, 2.0, 2.0], rtol=1e-6)
