@@ -23,12 +23,16 @@ as integers with its own loops, ~10x slower. The finiteness flags are one jitted
 reduction per leaf on every backend. Both paths give the same sums (tests/test_reliability.py).
 
 Cost on the project's 2-core CPU VM for a DiT-B/2 state (params, EMA, two Adam moments; 525
-arrays, 2.085 GB float32), measured by `python -m dit_jax.checksum_bench --variant=B/2
---repeats=5` (one run, machine loaded: load average ~6; minimum / median of 5 calls): "host"
-1.02 / 1.64 s per call, "device" (the method before, still used on accelerators) 9.96 / 19.3 s,
-a plain float sum over the same arrays 0.45 / 0.59 s. First calls (compiling): 11.1 s and 55 s.
-Scaled to DiT-XL/2 (10.8 GB): about 5 s per save and per restore on that CPU (was ~52 s). On
-accelerators the reduction is bound by memory bandwidth (not measured here).
+arrays, 2.085 GB float32), `python -m dit_jax.checksum_bench --variant=B/2 --repeats=5`, minimum
+of 5 calls per method, each sitting one run (the machine is shared; load average in brackets):
+
+  sitting             "host"   "device" (the method before; accelerators)   float sum
+  loaded (~6)         1.02 s   9.96 s                                       0.45 s
+  nearly idle (~2)    0.34 s   1.11 s                                       0.13 s
+
+First calls (compiling) 1.8 s and 4.4 s when nearly idle (11 s and 55 s loaded). Scaled to
+DiT-XL/2 (10.8 GB): 1.8-5 s per save and per restore on that CPU (was 6-52 s). On accelerators
+the reduction is bound by memory bandwidth (not measured here).
 
 Checkpoints store the summary in their JSON meta (`integrity`); restore recomputes it and
 compares (`mismatches`).
