@@ -66,7 +66,12 @@ def dit_train_flops(model, global_batch_size: int) -> float:
 
 
 class MetricWriter:
-  """TensorBoard writer on process 0; a no-op elsewhere."""
+  """TensorBoard writer on process 0; a no-op elsewhere.
+
+  As a context manager it is closed (its buffered events written) however the block ends, so
+  a run that fails keeps the metrics it logged; a failure to close while another error is
+  ending the run is logged, never raised over that error.
+  """
 
   def __init__(self, logdir: str, enabled: bool = True):
     self._writer = None
@@ -97,8 +102,21 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._writer is not None:
-      self._writer.close()
-      self._writer = None
+      writer, self._writer = self._writer, None
+      writer.close()
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc is None:
+      self.close()
+      return
+    try:
+      self.close()
+    except Exception as close_error:  # pylint: disable=broad-except
+      logging.warning("Closing the TensorBoard writer failed: %s: %s",
+                      type(close_error).__name__, close_error)
 
 
 class ProgressBar:

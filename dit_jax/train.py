@@ -330,13 +330,17 @@ def train_and_evaluate(config, workdir: str, *, encode_fn: EncodeFn | None = Non
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
   # One training run per workdir (process 0 holds the lease; readers never take it).
-  with workdir_lock.hold(workdir, config.checkpoint.get("lock_lease_secs", 0.0)) as lock:
-    return _train(config, workdir, mesh, guide_step, encode_fn, decode_fn, vae_params, lock)
+  # The writer is closed however the run ends, so a failed run keeps the metrics it logged.
+  with workdir_lock.hold(workdir, config.checkpoint.get("lock_lease_secs", 0.0)) as lock, \
+      metrics_lib.MetricWriter(workdir, enabled=is_main) as writer:
+    return _train(config, workdir, mesh, guide_step, encode_fn, decode_fn, vae_params, lock,
+                  writer)
 
 
 def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
            encode_fn: EncodeFn | None, decode_fn: DecodeFn | None, vae_params: PyTree,
-           lock: workdir_lock.WorkdirLock | None) -> ts.TrainState:
+           lock: workdir_lock.WorkdirLock | None,
+           writer: metrics_lib.MetricWriter) -> ts.TrainState:
   """The body of `train_and_evaluate`, run while this run holds the workdir's lock."""
   is_main = jax.process_index() == 0
   global_batch_size = int(config.global_batch_size)
@@ -384,7 +388,6 @@ def _train(config, workdir: epath.Path, mesh, guide_step: int | None,
   step_fn = jit_train_step(config, model, diffusion, tx, lr_schedule, mesh, state_shardings,
                            encode_fn)
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   flops = metrics_lib.dit_train_flops(model, global_batch_size)
   peak = config.logging.peak_flops_per_device or metrics_lib.peak_flops(
       mesh.devices.flat[0].device_kind)

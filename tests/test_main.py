@@ -8,10 +8,47 @@ import numpy as np
 import pytest
 
 from dit_jax import main
+from dit_jax import metrics as metrics_lib
 from dit_jax import sample_files
 from dit_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def event_tags(workdir) -> set[str]:
+  """The summary tags in `workdir`'s event files, read back without TensorFlow."""
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for path in pathlib.Path(workdir).glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      length = int.from_bytes(data[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def test_a_failed_run_keeps_its_metrics(tmp_path, monkeypatch):
+  """The writer training uses is closed when the run fails (its events flush every 30 s
+  otherwise, and a failed save ends the process with os._exit), and an error while closing
+  never replaces the error that ended the run."""
+  with pytest.raises(RuntimeError, match="save failed"):
+    with metrics_lib.MetricWriter(tmp_path / "a") as writer:
+      writer.write_scalars(3, {"train/loss": 0.5})
+      raise RuntimeError("save failed")
+  assert event_tags(tmp_path / "a") == {"train/loss"}
+
+  warnings = []
+  monkeypatch.setattr(metrics_lib.logging, "warning", lambda *a: warnings.append(a[0] % a[1:]))
+  with pytest.raises(RuntimeError, match="save failed"):
+    with metrics_lib.MetricWriter(tmp_path / "b") as writer:
+      monkeypatch.setattr(writer._writer, "close", lambda: (_ for _ in ()).throw(
+          OSError(28, "No space left on device")))
+      raise RuntimeError("save failed")
+  assert warnings == ["Closing the TensorBoard writer failed: OSError: "
+                      "[Errno 28] No space left on device"]
 
 
 def run_main(*args, timeout=600):
@@ -45,16 +82,7 @@ def test_main_smoke_run_writes_events_grid_samples_and_checkpoints(tmp_path):
   assert (meta["step"], meta["num_samples"], meta["guidance_interval"]) == (4, 20, [0, 600])
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
-  from tensorboardX.proto import event_pb2  # Read the event file back without TensorFlow.
-  tags = set()
-  for path in workdir.glob("events.out.tfevents.*"):
-    data = path.read_bytes()
-    pos = 0
-    while pos < len(data):
-      length = int.from_bytes(data[pos:pos + 8], "little")
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
-      tags.update(v.tag for v in event.summary.value)
+  tags = event_tags(workdir)
   assert {"train/loss", "train/mse", "train/vb", "train/grad_norm", "train/lr",
           "train/steps_per_sec", "train/images_per_sec", "samples/ema_grid"} <= tags
 
