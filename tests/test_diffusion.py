@@ -1,5 +1,7 @@
 """Schedules, respacing, q/p maths and training losses against the official code
 (tests/data/diffusion.npz; see tests/data/README.md), plus invariants."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,6 +188,22 @@ def test_rescaled_loss_types_scale_the_official_vb(ref_diffusion):
   np.testing.assert_allclose(out["vb"], want_vb, rtol=2e-6)
   np.testing.assert_allclose(out["loss"], want_vb * 250, rtol=2e-6)
   np.testing.assert_array_equal(out["mse"], 0.0)
+  plain_kl = dataclasses.replace(kl, loss_type="kl")  # The official LossType.KL: vb unscaled.
+  out = dd.training_losses(plain_kl, lambda *_: mo, x0, t, noise)
+  np.testing.assert_allclose(out["loss"], want_vb, rtol=2e-6)
+  np.testing.assert_array_equal(out["mse"], 0.0)
+  assert out["mse"].shape == (4,)
+  with pytest.raises(ValueError, match="min_snr_gamma"):
+    dd.training_losses(plain_kl, lambda *_: mo, x0, t, noise, min_snr_gamma=5.0)
+
+
+def test_start_x_prediction_trains_on_x0(ref_diffusion):
+  x0, noise, _, mo = inputs(ref_diffusion)
+  t = jnp.asarray(ref_diffusion["base/t"])
+  diff = dd.create_diffusion("", predict_xstart=True)
+  out = dd.training_losses(diff, lambda *_: mo, x0, t, noise)
+  want = ((np.asarray(x0, np.float64) - np.asarray(mo[..., :4], np.float64)) ** 2).mean((1, 2, 3))
+  np.testing.assert_allclose(out["mse"], want, rtol=1e-5)
 
 
 def test_vb_terms_with_clip_denoised_use_the_official_clipped_mean(ref_diffusion):
@@ -228,6 +246,7 @@ def test_fixed_variance_losses_and_tables(ref_diffusion):
     diff = dd.create_diffusion("", learn_sigma=False, sigma_small=sigma_small)
     out = dd.training_losses(diff, lambda *_: eps, x0, t, noise)
     np.testing.assert_array_equal(out["vb"], 0.0)
+    assert out["vb"].shape == out["loss"].shape == (4,)
     np.testing.assert_array_equal(out["loss"], out["mse"])
     np.testing.assert_allclose(out["mse"], ((np.asarray(noise) - np.asarray(eps)) ** 2)
                                .mean(axis=(1, 2, 3)), rtol=1e-6)
