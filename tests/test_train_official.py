@@ -109,7 +109,7 @@ def run(ref_a):
   tx, schedule = ts.create_optimizer(config.optimizer)
   init_fn = ts.make_init_fn(model, tx, (1, 8, 8, 4))
   fresh = jax.jit(init_fn)(jax.random.key(0))
-  for e, p in zip(leaves(fresh.ema_params), leaves(fresh.params)):
+  for e, p in zip(leaves(fresh.ema_params), leaves(fresh.params), strict=True):
     np.testing.assert_array_equal(e, p)  # The EMA starts at the parameters.
   p0 = jax.tree.map(jnp.asarray, official.state_dict_to_params(
       {k[len("param/"):]: ref_a[k] for k in ref_a if k.startswith("param/")}))
@@ -162,13 +162,20 @@ def test_step_one_matches_the_official_vectors(run):
   np.testing.assert_allclose(float(run["m1"]["train/loss"]), float(ref["train/loss_mean"]),
                              rtol=3e-6)
   np.testing.assert_allclose(float(run["m1"]["train/loss"]), float(run["ref_loss1"]), rtol=1e-6)
+  # The step's other metrics: the official terms' means and the norm of the official gradient
+  # (observed: 1.5e-7 relative).
+  for name in ("mse", "vb"):
+    np.testing.assert_allclose(float(run["m1"][f"train/{name}"]),
+                               np.mean(np.asarray(ref[f"train/{name}"], np.float64)), rtol=1e-6)
+  g_norm = np.sqrt(sum((g ** 2).sum() for g in _official(ref, "grad/")))
+  np.testing.assert_allclose(float(run["m1"]["train/grad_norm"]), g_norm, rtol=1e-6)
   p0 = leaves(run["p0"])
   p1 = leaves(run["state1"].params)
   adamw1 = _official(ref, "adamw1/")
   g_ref = _official(ref, "grad/")
   g1 = leaves(run["g1"])
   moved = loose = 0
-  for a, b, want, g, gr in zip(p0, p1, adamw1, g1, g_ref):
+  for a, b, want, g, gr in zip(p0, p1, adamw1, g1, g_ref, strict=True):
     # AdamW's first step is -lr g / (|g| + eps): a gradient error dg moves it by
     # lr eps |dg| / (|g| + eps)^2, and our gradients agree with grad/* to 5e-5 of each tensor's
     # max |g| (test_parity.py). Where |g| is float noise (the qkv key rows) that bound exceeds
@@ -193,7 +200,7 @@ def test_step_two_is_pytorch_adamw_and_the_ema(run):
   e1, e2 = leaves(run["state1"].ema_params), leaves(run["state2"].ema_params)
   g1, g2 = leaves(run["g1"]), leaves(run["g2"])
   worst = 0.0
-  for a, b, c, ema1, ema2, ga, gb in zip(p0, p1, p2, e1, e2, g1, g2):
+  for a, b, c, ema1, ema2, ga, gb in zip(p0, p1, p2, e1, e2, g1, g2, strict=True):
     _, m, v = adamw_torch(a, ga, 0.0, 0.0, 1)
     want, _, _ = adamw_torch(b, gb, m, v, 2)
     # Float32 rounding of p and optax's float32 bias corrections (UPDATE_RTOL).
@@ -221,6 +228,85 @@ def test_own_label_dropout_reaches_the_model(run):
   table = lambda s: np.asarray(s.params["y_embedder"]["embedding_table"]["embedding"])  # noqa
   changed = np.any(table(new) != table(state0), axis=1)
   np.testing.assert_array_equal(changed, np.arange(NULL + 1) == NULL)
+
+
+def test_own_draws_are_the_documented_ones():
+  """Without `draws`, step k draws from fold_in(rng, k) split in four: the timesteps
+  (`diffusion.sample_timesteps`, uniform: `train_step`'s own defaults), the float32 standard
+  normal noise, the label-drop key and the encoder's key. At class_dropout_prob = 0 (nothing
+  dropped) two steps on their own draws equal two steps fed those draws."""
+  config = recipe_config(class_dropout_prob=0.0)
+  model = train.build_model(config.model)
+  diffusion = train.create_diffusion(config.diffusion)
+  tx, _ = ts.create_optimizer(config.optimizer)
+  state = jax.jit(ts.make_init_fn(model, tx, (1, 8, 8, 4)))(jax.random.key(1))
+  # `train_step` itself with its defaults, as a caller that does not bind the config gets it.
+  step = jax.jit(functools.partial(train.train_step, model=model, diffusion=diffusion, tx=tx,
+                                   ema_decay=EMA_DECAY))
+  x = jax.random.normal(jax.random.key(2), (6, 8, 8, 4))
+  batch = {"image": x, "label": jnp.arange(6, dtype=jnp.int32)}
+  rng = jax.random.key(7)
+  own = fed = state
+  seen = []
+  for k in range(2):
+    k_t, k_noise, _, _ = jax.random.split(jax.random.fold_in(rng, k), 4)
+    draws = {"t": dd.sample_timesteps(k_t, 6, diffusion.num_timesteps, "uniform", 0.0),
+             "noise": jax.random.normal(k_noise, x.shape, jnp.float32),
+             "drop": jnp.zeros(6, jnp.int32)}
+    seen.append(np.asarray(draws["t"]))
+    own, m_own = step(own, batch, rng)
+    fed, m_fed = step(fed, batch, rng, draws=draws)
+    assert int(own.step) == int(fed.step) == k + 1
+    np.testing.assert_allclose(float(m_own["train/loss"]), float(m_fed["train/loss"]), rtol=1e-6)
+    # Two compiled programs: their gradients differ by float rounding, which AdamW's
+    # normalised update amplifies where |g| is tiny (seen: 2.6e-9); other draws move by ~lr.
+    for a, b in zip(leaves(own.params) + leaves(own.ema_params),
+                    leaves(fed.params) + leaves(fed.ema_params), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-2 * LR)
+  assert (seen[0] != seen[1]).any()  # Each step its own timesteps.
+
+
+def test_bound_step_honours_the_configs_loss_options():
+  """`bind_train_step` passes the config's Min-SNR-gamma, stratified power-law timesteps and
+  learning-rate schedule to the step: its loss is `training_losses` with min_snr_gamma on the
+  documented own draws (computed outside the step), and its lr the schedule at the state's
+  step. A config whose timestep fields are None (older config files) gets the official
+  uniform timesteps."""
+  config = recipe_config(class_dropout_prob=0.0)
+  # gamma = 0.1 weights every t with SNR > 0.1 (t below ~480 of 1000), so the stratified
+  # draws' lowest bin (t < 330 at power 0.5) is always weighted.
+  config.diffusion.min_snr_gamma = 0.1
+  config.diffusion.timestep_sampling, config.diffusion.timestep_power = "stratified", 0.5
+  config.optimizer.warmup_steps = 4
+  model = train.build_model(config.model)
+  diffusion = train.create_diffusion(config.diffusion)
+  tx, schedule = ts.create_optimizer(config.optimizer)
+  state = jax.jit(ts.make_init_fn(model, tx, (1, 8, 8, 4)))(jax.random.key(1))
+  x = jax.random.normal(jax.random.key(2), (6, 8, 8, 4))
+  y = jnp.arange(6, dtype=jnp.int32)
+  rng = jax.random.key(7)
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def want_loss(params, k, gamma):
+    k_t, k_noise, _, _ = jax.random.split(jax.random.fold_in(rng, k), 4)
+    t = dd.sample_timesteps(k_t, 6, diffusion.num_timesteps, "stratified", 0.5)
+    noise = jax.random.normal(k_noise, x.shape, jnp.float32)
+    fn = lambda x_t, mt: model.apply({"params": params}, x_t, mt, y)  # noqa: E731
+    return jnp.mean(dd.training_losses(diffusion, fn, x, t, noise, min_snr_gamma=gamma)["loss"])
+
+  step = jax.jit(train.bind_train_step(config, model, diffusion, tx, schedule))
+  for k in range(2):
+    want = float(want_loss(state.params, k, 0.1))
+    assert abs(want - float(want_loss(state.params, k, None))) > 1e-3 * want  # Teeth.
+    state, metrics = step(state, {"image": x, "label": y}, rng)
+    np.testing.assert_allclose(float(metrics["train/loss"]), want, rtol=1e-6)
+    assert float(metrics["train/lr"]) == pytest.approx(LR * (k + 1) / 4, rel=1e-6)
+
+  config.diffusion.timestep_sampling = config.diffusion.timestep_power = None
+  config.diffusion.min_snr_gamma = None
+  bound = train.bind_train_step(config, model, diffusion, tx, schedule)
+  assert (bound.keywords["timestep_sampling"], bound.keywords["timestep_power"],
+          bound.keywords["min_snr_gamma"]) == ("uniform", 0.0, None)
 
 
 def test_create_optimizer_honours_every_field():
