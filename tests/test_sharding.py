@@ -71,6 +71,9 @@ def _run(config, mesh, batches, num_steps):
   input_shape = (8, 8, 1)
   init_fn, _, shardings = train.setup_state(config, model, tx, mesh, input_shape)
   state = init_fn()
+  # Every leaf is created in its sharding (not on one device and moved by the first step).
+  for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+    assert leaf.sharding == want, (leaf.sharding, want)
   step_fn = train.jit_train_step(config, model, diffusion, tx, schedule, mesh, shardings)
   rng = jax.random.key(config.seed)
   losses = []
@@ -78,6 +81,22 @@ def _run(config, mesh, batches, num_steps):
     state, m = step_fn(state, sharding.global_batch(batch, sharding.batch_sharding(mesh)), rng)
     losses.append(float(m["train/loss"]))
   return losses, jax.device_get(state.params), jax.device_get(state.ema_params), state
+
+
+def test_replicated_strategy_replicates_the_whole_state():
+  """config.mesh.strategy reaches the state's shardings: 'replicated' keeps every leaf whole
+  on a data=2 x fsdp=4 mesh, where 'fsdp' splits the large kernels."""
+  specs = {}
+  for strategy in ("replicated", "fsdp"):
+    config = load_config("testing", mesh__data=2, mesh__fsdp=4, mesh__strategy=strategy)
+    model = train.build_model(config.model)
+    tx, _ = ts.create_optimizer(config.optimizer)
+    _, abstract, shardings = train.setup_state(config, model, tx,
+                                               sharding.make_mesh(config.mesh), (8, 8, 1))
+    assert jax.tree.structure(abstract) == jax.tree.structure(shardings)
+    specs[strategy] = {s.spec for s in jax.tree.leaves(shardings)}
+  assert specs["replicated"] == {jax.sharding.PartitionSpec()}
+  assert jax.sharding.PartitionSpec(None, "fsdp") in specs["fsdp"]
 
 
 def test_data_parallel_and_fsdp_match_one_device():

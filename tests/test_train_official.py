@@ -109,6 +109,7 @@ def run(ref_a):
   tx, schedule = ts.create_optimizer(config.optimizer)
   init_fn = ts.make_init_fn(model, tx, (1, 8, 8, 4))
   fresh = jax.jit(init_fn)(jax.random.key(0))
+  assert fresh.step.dtype == jnp.int32 and int(fresh.step) == 0  # An exact step counter.
   for e, p in zip(leaves(fresh.ema_params), leaves(fresh.params), strict=True):
     np.testing.assert_array_equal(e, p)  # The EMA starts at the parameters.
   p0 = jax.tree.map(jnp.asarray, official.state_dict_to_params(
@@ -153,6 +154,11 @@ def test_recipe_values_are_the_official_ones(run):
   assert config.ema.decay == EMA_DECAY and config.model.class_dropout_prob == 0.1
   assert int(run["state1"].step) == 1 and int(run["state2"].step) == 2
   assert float(run["m1"]["train/lr"]) == pytest.approx(LR, rel=1e-7)
+  # The count train.py logs: every trainable official tensor (pos_embed is fixed, not a param).
+  ref = run["ref"]
+  want = sum(np.asarray(ref[k]).size for k in ref
+             if k.startswith("param/") and k != "param/pos_embed")
+  assert ts.param_count(run["p0"]) == ts.param_count(run["state2"].ema_params) == want
 
 
 def test_step_one_matches_the_official_vectors(run):
