@@ -4,10 +4,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import config_flags
 import pytest
 from absl import flags
 
+from dit_jax import diffusion as dd
 from dit_jax import sharding
 from dit_jax import train
 from dit_jax.errors import UserError
@@ -99,6 +101,47 @@ def test_override_typo_is_an_error():
   config = load(CONFIG_DIR / "testing.py")
   with pytest.raises(AttributeError, match="learning_rat"):
     config.optimizer.learning_rat = 1.0
+
+
+def test_build_model_and_create_diffusion_pass_every_field():
+  """Every config.model field, set away from DiT's defaults, reaches the model (arch fields
+  override the variant; "auto" attention is None; without a variant the five arch fields are
+  required), and every config.diffusion field reaches the diffusion."""
+  config = load(CONFIG_DIR / "testing.py")
+  m = config.model
+  values = dict(input_size=16, in_channels=3, num_classes=7, learn_sigma=False,
+                class_dropout_prob=0.25, block_type="in-context", dtype="bfloat16",
+                param_dtype="bfloat16", attention_impl="cudnn", remat=True,
+                remat_policy="dots_saveable", scan=True, fused_adaln=True, ln_grad_barrier=True)
+  for k, v in values.items():
+    m[k] = v
+  m.variant, m.mlp_ratio = "B/4", 2.0  # B/4's patch 4; width 32, depth 2, 2 heads, mlp 2 set.
+  model = train.build_model(m)
+  assert {k: getattr(model, k) for k in values} == values
+  arch = tuple(getattr(model, k) for k in train.ARCH_FIELDS)
+  assert arch == (4, 32, 2, 2, 2.0)
+  m.attention_impl = "auto"
+  assert train.build_model(m).attention_impl is None
+  m.variant, m.mlp_ratio = None, None
+  with pytest.raises(UserError, match=r"^config.model.variant=None leaves \['patch_size', "
+                                      r"'mlp_ratio'\] unset; name a variant"):
+    train.build_model(m)
+  m.patch_size, m.mlp_ratio = 4, 2.0
+  assert tuple(getattr(train.build_model(m), k) for k in train.ARCH_FIELDS) == arch
+
+  d = config.diffusion
+  fields = dict(timestep_respacing="25", noise_schedule="squaredcos_cap_v2",
+                diffusion_steps=500, learn_sigma=False, sigma_small=True, snr_shift=2.0)
+  for k, v in fields.items():
+    d[k] = v
+  got, want = train.create_diffusion(d), dd.create_diffusion(**fields)
+  for k in vars(want):
+    np.testing.assert_array_equal(getattr(got, k), getattr(want, k), err_msg=k)
+  with d.unlocked():
+    del d["snr_shift"]  # A config file from before the field: the official schedule.
+  fields["snr_shift"] = 1.0
+  got, want = train.create_diffusion(d), dd.create_diffusion(**fields)
+  np.testing.assert_array_equal(got.betas, want.betas)
 
 
 def test_unknown_variant_is_an_error():

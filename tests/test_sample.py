@@ -24,6 +24,7 @@ from dit_jax import generate, sample, sample_files, sampling, train
 from dit_jax import images as image_lib
 from dit_jax.convert import io as convert_io
 from dit_jax.convert import official
+from dit_jax.diffusion import noise as noise_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOL_LOOP = 2e-5  # as tests/test_parity.py (observed 3.9e-6)
@@ -74,11 +75,24 @@ def _recipe(ref_a, steps):
   params = jax.tree.map(jnp.asarray, official.state_dict_to_params(sd))
   diff = sampling.create_sampling_diffusion(config.diffusion, config.sample)
   s = config.sample
+  recipe = dict(sampler=s.sampler, clip_denoised=s.clip_denoised, cfg_scale=s.cfg_scale,
+                guidance_mode=s.guidance_mode)
   fn = lambda p, y, key, **kw: sampling.sample(  # noqa: E731
-      p, y, key, model=model, diff=diff, sampler=s.sampler, clip_denoised=s.clip_denoised,
-      latent_shape=(8, 8, 4), decode_fn=None, **{"cfg_scale": s.cfg_scale,
-                                                 "guidance_mode": s.guidance_mode, **kw})
+      p, y, key, model=model, diff=diff, latent_shape=(8, 8, 4), decode_fn=None,
+      **{**recipe, **kw})
   return params, fn
+
+
+def test_ddim_path_reproduces_official_ddim_cfg_loop(ref_a):
+  """sampler="ddim" reaches the DDIM loop (eta = 0): the official `loop_ddim_cfg` vectors, on
+  the reference's respacing "5" (the recipe's DDIM respacing would be "ddim5")."""
+  params, fn = _recipe(ref_a, 5)
+  z, step_noise = _ref_noise(ref_a)
+  out = jax.jit(lambda p: fn(p, jnp.asarray(ref_a["loop/y"], jnp.int32), None, sampler="ddim",
+                             x_T=z, step_noise=step_noise))(params)
+  want = np.asarray(ref_a["loop_ddim_cfg/samples"])[-1, :2].transpose(0, 2, 3, 1)
+  err = rel_err(out, want)
+  assert err <= TOL_LOOP, err
 
 
 def test_own_noise_follows_the_documented_keys(ref_a):
@@ -110,6 +124,15 @@ def test_own_noise_follows_the_documented_keys(ref_a):
     outs.append(np.asarray(own))
   assert np.abs(outs[0] - outs[1]).max() > 0.1  # Different keys, different samples.
 
+  # A noise design ties x_T and every step's draw within the label groups (`noise.apply`).
+  pair = jnp.asarray([y[0], y[0]])
+  tie = lambda a: noise_lib.apply(a, pair, "antithetic")  # noqa: E731
+  own = jax.jit(lambda p: fn(p, pair, key, noise_design="antithetic"))(params)
+  x_T, step_noise = cases["one key"][1:]
+  fed = jax.jit(lambda p: fn(p, pair, None, x_T=x_T, noise_design="antithetic",
+                             step_noise=jax.vmap(tie)(step_noise)))(params)
+  assert rel_err(own, fed) <= 1e-6
+
 
 def test_guidance_scale_and_interval_reach_the_loop(ref_a):
   """One DDPM step (no noise is added at t = 0) is affine in the guided eps, so the sample is
@@ -128,6 +151,10 @@ def test_guidance_scale_and_interval_reach_the_loop(ref_a):
                              atol=1e-6 * np.abs(four).max())
   np.testing.assert_allclose(np.asarray(run(params, 4.0, (500, 1000))), one, rtol=0,
                              atol=1e-6 * np.abs(one).max())
+  # At t = 0 the posterior mean is pred_xstart itself: clip_denoised=True clips the sample.
+  clipped = jax.jit(lambda p: fn(p, y, jax.random.key(0), x_T=z, clip_denoised=True))(params)
+  assert np.abs(four).max() > 1.5
+  np.testing.assert_allclose(np.asarray(clipped), np.clip(four, -1, 1), rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
