@@ -155,6 +155,10 @@ def test_guidance_scale_and_interval_reach_the_loop(ref_a):
   clipped = jax.jit(lambda p: fn(p, y, jax.random.key(0), x_T=z, clip_denoised=True))(params)
   assert np.abs(four).max() > 1.5
   np.testing.assert_allclose(np.asarray(clipped), np.clip(four, -1, 1), rtol=0, atol=1e-6)
+  # So is DDIM's (eta = 0) at t = 0: x_prev = pred_xstart.
+  ddim = jax.jit(lambda p: fn(p, y, jax.random.key(0), x_T=z, sampler="ddim",
+                             clip_denoised=True))(params)
+  np.testing.assert_allclose(np.asarray(ddim), np.clip(four, -1, 1), rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
