@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import load_config, rel_err
-from dit_jax import generate, sample, sample_files, sampling, train
+from dit_jax import generate, sample, sample_files, sampling, sharding, train
 from dit_jax import images as image_lib
 from dit_jax.convert import io as convert_io
 from dit_jax.convert import official
@@ -159,6 +159,59 @@ def test_guidance_scale_and_interval_reach_the_loop(ref_a):
   ddim = jax.jit(lambda p: fn(p, y, jax.random.key(0), x_T=z, sampler="ddim",
                              clip_denoised=True))(params)
   np.testing.assert_allclose(np.asarray(ddim), np.clip(four, -1, 1), rtol=0, atol=1e-6)
+
+
+def test_sampler_binds_every_sample_field(ref_a):
+  """`sampling.Sampler` (training's grids and final samples) passes every `config.sample`
+  field, the decoder and its parameters, and the guide to `sampling.sample`, in batches of
+  `batch_size` from fold_in(key(seed), b), padding entries in groups of their own; a config
+  without `sample.noise` (older files) samples i.i.d."""
+  config = load_config("imagenet256", data__image_size=64, data__num_classes=10,
+                       model__variant="tiny-A")
+  s = config.sample
+  s.sampler, s.num_sampling_steps, s.cfg_scale, s.guidance_mode = "ddpm", 3, 2.5, "all"
+  s.clip_denoised, s.guidance_interval, s.noise = True, (0, 700), "antithetic"
+  s.autoguidance_scale, s.batch_size = 1.5, 64
+  model = train.build_model(config.model)
+  sd = {k[len("param/"):]: ref_a[k] for k in ref_a if k.startswith("param/")}
+  params = jax.tree.map(jnp.asarray, official.state_dict_to_params(sd))
+  guide = jax.tree.map(lambda a: 0.9 * a, params)
+  decode = lambda v, x: jnp.tanh(v["gain"] * x)  # noqa: E731
+  vae = {"gain": jnp.float32(0.7)}
+  mesh = sharding.make_mesh(config.mesh)
+  labels = np.array([3, 3, 9, 1, 3, 9], np.int32)
+  diff = sampling.create_sampling_diffusion(config.diffusion, s)
+
+  def want(noise, **kw):
+    run = jax.jit(lambda p, g, v, y, grp, key: sampling.sample(
+        p, y, key, model=model, diff=diff, cfg_scale=2.5, guidance_mode="all", sampler="ddpm",
+        clip_denoised=True, latent_shape=(8, 8, 4), decode_fn=decode,
+        guidance_interval=(0, 700), guide_params=g, noise_design=noise, groups=grp,
+        vae_params=v, **kw))
+    out = []
+    for b, start in enumerate(range(0, 6, 4)):  # batch_size=4 given to the Sampler.
+      chunk = labels[start:start + 4]
+      pad = 4 - len(chunk)
+      images = run(params, guide, vae, np.pad(chunk, (0, pad)),
+                   np.concatenate([chunk, -1 - np.arange(pad, dtype=np.int32)]),
+                   jax.random.fold_in(jax.random.key(5), b))
+      out.append(image_lib.to_uint8(np.asarray(images))[:len(chunk)])
+    return np.concatenate(out)
+
+  def check(got, ref):
+    assert got.shape == ref.shape == (6, 8, 8, 4) and got.dtype == np.uint8
+    diff_ = np.abs(got.astype(int) - ref.astype(int))
+    assert diff_.max() <= 1 and diff_.mean() < 1e-2, (diff_.max(), diff_.mean())
+
+  got = sampling.Sampler(model, config, mesh, (8, 8, 4), decode, batch_size=4)(
+      params, labels, 5, guide_params=guide, vae_params=vae)
+  check(got, want("antithetic", autoguidance_scale=1.5))
+  with config.sample.unlocked():
+    del config.sample["noise"]
+  plain = sampling.Sampler(model, config, mesh, (8, 8, 4), decode, batch_size=4,
+                           autoguided=False)(params, labels, 5, guide_params=guide,
+                                             vae_params=vae)
+  check(plain, want("iid"))
 
 
 @pytest.fixture(scope="module")
