@@ -10,6 +10,7 @@ import pytest
 from absl import flags
 
 from dit_jax import diffusion as dd
+from dit_jax import sampling
 from dit_jax import sharding
 from dit_jax import train
 from dit_jax.errors import UserError
@@ -137,11 +138,30 @@ def test_build_model_and_create_diffusion_pass_every_field():
   got, want = train.create_diffusion(d), dd.create_diffusion(**fields)
   for k in vars(want):
     np.testing.assert_array_equal(getattr(got, k), getattr(want, k), err_msg=k)
+  # The sampling diffusion: the same fields, respaced to num_sampling_steps ("N" for DDPM,
+  # "ddimN", the official stride T // N, for DDIM).
+  config.sample.num_sampling_steps = 5
+  for sampler, respacing, t_map in (("ddpm", "5", [0, 125, 250, 374, 499]),
+                                    ("ddim", "ddim5", [0, 100, 200, 300, 400])):
+    config.sample.sampler = sampler
+    got = sampling.create_sampling_diffusion(d, config.sample)
+    want = dd.create_diffusion(**{**fields, "timestep_respacing": respacing})
+    for k in vars(want):
+      np.testing.assert_array_equal(getattr(got, k), getattr(want, k), err_msg=k)
+    np.testing.assert_array_equal(got.timestep_map, t_map)
+  config.sample.sampler = "euler"
+  with pytest.raises(UserError, match=r"^config.sample.sampler='euler'; expected one of "
+                                      r"\('ddpm', 'ddim'\)\.$"):
+    sampling.create_sampling_diffusion(d, config.sample)
   with d.unlocked():
     del d["snr_shift"]  # A config file from before the field: the official schedule.
   fields["snr_shift"] = 1.0
   got, want = train.create_diffusion(d), dd.create_diffusion(**fields)
   np.testing.assert_array_equal(got.betas, want.betas)
+  config.sample.sampler = "ddpm"
+  got = sampling.create_sampling_diffusion(d, config.sample)
+  np.testing.assert_array_equal(
+      got.betas, dd.create_diffusion(**{**fields, "timestep_respacing": "5"}).betas)
 
 
 def test_unknown_variant_is_an_error():
