@@ -129,6 +129,12 @@ def test_build_model_and_create_diffusion_pass_every_field():
     train.build_model(m)
   m.patch_size, m.mlp_ratio = 4, 2.0
   assert tuple(getattr(train.build_model(m), k) for k in train.ARCH_FIELDS) == arch
+  with m.unlocked():  # A config file from before these fields: the plain per-block model.
+    for k in ("scan", "fused_adaln", "remat_policy", "ln_grad_barrier"):
+      del m[k]
+  model = train.build_model(m)
+  assert (model.scan, model.fused_adaln, model.remat_policy, model.ln_grad_barrier) == (
+      False, False, None, None)
 
   d = config.diffusion
   fields = dict(timestep_respacing="25", noise_schedule="squaredcos_cap_v2",
