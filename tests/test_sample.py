@@ -165,7 +165,8 @@ def test_sampler_binds_every_sample_field(ref_a):
   """`sampling.Sampler` (training's grids and final samples) passes every `config.sample`
   field, the decoder and its parameters, and the guide to `sampling.sample`, in batches of
   `batch_size` from fold_in(key(seed), b), padding entries in groups of their own; a config
-  without `sample.noise` (older files) samples i.i.d."""
+  without `sample.noise` (older files) samples i.i.d.; DDIM configs sample with DDIM; a bad
+  interval names its field."""
   config = load_config("imagenet256", data__image_size=64, data__num_classes=10,
                        model__variant="tiny-A")
   s = config.sample
@@ -182,11 +183,11 @@ def test_sampler_binds_every_sample_field(ref_a):
   # The last batch is [3, 0] and two padding entries: groups 0 or 1 for the padding would tie
   # it to the real sample of class 0.
   labels = np.array([3, 3, 9, 1, 3, 0], np.int32)
-  diff = sampling.create_sampling_diffusion(config.diffusion, s)
 
-  def want(noise, **kw):
+  def want(noise, sampler="ddpm", **kw):
+    diff = sampling.create_sampling_diffusion(config.diffusion, s)
     run = jax.jit(lambda p, g, v, y, grp, key: sampling.sample(
-        p, y, key, model=model, diff=diff, cfg_scale=2.5, guidance_mode="all", sampler="ddpm",
+        p, y, key, model=model, diff=diff, cfg_scale=2.5, guidance_mode="all", sampler=sampler,
         clip_denoised=True, latent_shape=(8, 8, 4), decode_fn=decode,
         guidance_interval=(0, 700), guide_params=g, noise_design=noise, groups=grp,
         vae_params=v, **kw))
@@ -210,10 +211,14 @@ def test_sampler_binds_every_sample_field(ref_a):
   check(got, want("centered", autoguidance_scale=1.5))
   with config.sample.unlocked():
     del config.sample["noise"]
+  s.sampler = "ddim"
   plain = sampling.Sampler(model, config, mesh, (8, 8, 4), decode, batch_size=4,
                            autoguided=False)(params, labels, 5, guide_params=guide,
                                              vae_params=vae)
-  check(plain, want("iid"))
+  check(plain, want("iid", sampler="ddim"))
+  s.guidance_interval = (700, 0)
+  with pytest.raises(ValueError, match=r"^config.sample.guidance_interval=\(700, 0\) must "):
+    sampling.Sampler(model, config, mesh, (8, 8, 4), decode)
 
 
 @pytest.fixture(scope="module")
