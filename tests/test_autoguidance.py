@@ -101,6 +101,15 @@ def test_autoguidance_step_must_be_a_saved_step_before_the_end(step):
     sampling.autoguidance_step(config.sample, 8, 2)
 
 
+def test_autoguidance_is_off_when_the_scale_is_none_and_may_use_step_one():
+  config = load_config()
+  config.sample.autoguidance_scale = None  # A placeholder left unset: no autoguidance.
+  assert sampling.autoguidance_scale(config.sample) == 1.0
+  assert sampling.autoguidance_step(config.sample, 8, 2) is None
+  config.sample.autoguidance_scale, config.sample.autoguidance_step = 1.3, 1
+  assert sampling.autoguidance_step(config.sample, 8, 1) == 1  # The first saved step.
+
+
 def test_training_keeps_the_guide_checkpoint_and_samples_with_it(tmp_path):
   config = load_config()
   config.total_steps = 6
