@@ -78,6 +78,14 @@ def ref_diffusion():
   return _load("diffusion.npz")
 
 
+def official_tree(ref, prefix="param/"):
+  """The official arrays of `ref` under `prefix` (`param/`, `grad/`, `adamw1/`, ...) in our
+  parameter layout (`convert.official.state_dict_to_params`), as jax arrays."""
+  from dit_jax.convert import official  # pylint: disable=import-outside-toplevel
+  sd = {k[len(prefix):]: ref[k] for k in ref if k.startswith(prefix)}
+  return jax.tree.map(jnp.asarray, official.state_dict_to_params(sd))
+
+
 def rel_err(ours, ref) -> float:
   """max|ours - ref| / max|ref|, the parity measure used throughout the tests."""
   ours = np.asarray(ours, np.float64)

@@ -290,7 +290,8 @@ def test_fast_paths_keep_names_values_and_gradients(ref_a, fast):
   def loss(m):
     return jax.jit(jax.grad(lambda p: jnp.mean(m.apply({"params": p}, x, t, y) ** 2)))
   g_ref, g = loss(model)(params), loss(rm)(params)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref),
+                          strict=True):
     assert rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)
 
 
@@ -319,7 +320,8 @@ def test_ln_grad_barrier_keeps_values_and_gradients(ref_a, block_type):
   np.testing.assert_allclose(barred.apply({"params": params}, x, t, y),
                              model.apply({"params": params}, x, t, y), rtol=1e-6, atol=1e-6)
   g_ref, g = jax.grad(loss(model))(params), jax.grad(loss(barred))(params)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref),
+                          strict=True):
     assert rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)
 
 
@@ -368,5 +370,6 @@ def test_fused_adaln_is_one_matmul_with_the_same_values(ref_a, fast):
     assert rel_err(fused.apply({"params": params}, x, t, y),
                    model.apply({"params": params}, x, t, y)) <= 1e-6
     g_ref, g = jax.grad(loss(model))(params), jax.grad(loss(fused))(params)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref),
+                          strict=True):
     assert rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)

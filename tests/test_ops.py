@@ -10,7 +10,6 @@ unequal T and S, non-zero shift and scale).
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from conftest import rel_err
 
@@ -25,7 +24,7 @@ def _check(fast, plain, args, tol):
     g = jax.random.normal(jax.random.key(9), out.shape, jnp.float32).astype(out.dtype)
     assert out.dtype == ref.dtype
     assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) <= tol
-    for i, (a, b) in enumerate(zip(vjp(g), vjp_ref(g))):
+    for i, (a, b) in enumerate(zip(vjp(g), vjp_ref(g), strict=True)):
       assert a.dtype == b.dtype, i
       assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) <= tol, i
 

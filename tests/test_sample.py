@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_config, rel_err
+from conftest import load_config, official_tree, rel_err
 from dit_jax import generate, sample, sample_files, sampling, sharding, train
 from dit_jax import images as image_lib
 from dit_jax.convert import io as convert_io
-from dit_jax.convert import official
 from dit_jax.diffusion import noise as noise_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -41,16 +40,19 @@ def _ref_noise(ref):
 def _want(ref):
   return np.asarray(ref["loop_ddpm_cfg/samples"])[-1, :2].transpose(0, 2, 3, 1)
 
+def _tiny_a_recipe(ref_a):
+  """(config, model, params): the ImageNet recipe on tiny-A, 10 classes, official parameters."""
+  config = load_config("imagenet256", data__image_size=64, data__num_classes=10,
+                       model__variant="tiny-A")
+  return config, train.build_model(config.model), official_tree(ref_a)
+
+
 def test_imagenet_config_sampler_reproduces_official_cfg_loop(ref_a):
   """The recipe's sampling fields (official guidance, cfg 4.0, null label = num_classes,
   respacing) reach the loop: issue 21's sampler set-up check."""
-  config = load_config("imagenet256", data__image_size=64, data__num_classes=10,
-                       model__variant="tiny-A")
+  config, model, params = _tiny_a_recipe(ref_a)
   config.sample.num_sampling_steps = 5  # The reference loop's respacing "5".
   assert float(ref_a["loop/cfg_scale"]) == config.sample.cfg_scale == 4.0
-  model = train.build_model(config.model)
-  sd = {k[len("param/"):]: ref_a[k] for k in ref_a if k.startswith("param/")}
-  params = jax.tree.map(jnp.asarray, official.state_dict_to_params(sd))
   diff = sampling.create_sampling_diffusion(config.diffusion, config.sample)
   np.testing.assert_array_equal(diff.timestep_map, ref_a["loop/timestep_map"])
   z, step_noise = _ref_noise(ref_a)
@@ -66,13 +68,10 @@ def test_imagenet_config_sampler_reproduces_official_cfg_loop(ref_a):
 
 
 def _recipe(ref_a, steps):
-  """The ImageNet recipe's sampler set-up on tiny-A with the official parameters."""
-  config = load_config("imagenet256", data__image_size=64, data__num_classes=10,
-                       model__variant="tiny-A")
+  """(params, fn): `sampling.sample` with the recipe's sampling fields on tiny-A, `steps`
+  steps; keyword arguments of `fn` override the recipe's."""
+  config, model, params = _tiny_a_recipe(ref_a)
   config.sample.num_sampling_steps = steps
-  model = train.build_model(config.model)
-  sd = {k[len("param/"):]: ref_a[k] for k in ref_a if k.startswith("param/")}
-  params = jax.tree.map(jnp.asarray, official.state_dict_to_params(sd))
   diff = sampling.create_sampling_diffusion(config.diffusion, config.sample)
   s = config.sample
   recipe = dict(sampler=s.sampler, clip_denoised=s.clip_denoised, cfg_scale=s.cfg_scale,
@@ -167,15 +166,11 @@ def test_sampler_binds_every_sample_field(ref_a):
   `batch_size` from fold_in(key(seed), b), padding entries in groups of their own; a config
   without `sample.noise` (older files) samples i.i.d.; DDIM configs sample with DDIM; a bad
   interval names its field."""
-  config = load_config("imagenet256", data__image_size=64, data__num_classes=10,
-                       model__variant="tiny-A")
+  config, model, params = _tiny_a_recipe(ref_a)
   s = config.sample
   s.sampler, s.num_sampling_steps, s.cfg_scale, s.guidance_mode = "ddpm", 3, 2.5, "all"
   s.clip_denoised, s.guidance_interval, s.noise = True, (0, 700), "centered"
   s.autoguidance_scale, s.batch_size = 1.5, 64
-  model = train.build_model(config.model)
-  sd = {k[len("param/"):]: ref_a[k] for k in ref_a if k.startswith("param/")}
-  params = jax.tree.map(jnp.asarray, official.state_dict_to_params(sd))
   guide = jax.tree.map(lambda a: 0.9 * a, params)
   decode = lambda v, x: jnp.tanh(v["gain"] * x)  # noqa: E731
   vae = {"gain": jnp.float32(0.7)}

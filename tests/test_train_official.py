@@ -33,11 +33,10 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import load_config
+from conftest import load_config, official_tree
 from dit_jax import diffusion as dd
 from dit_jax import train
 from dit_jax import train_state as ts
-from dit_jax.convert import official
 
 # The official recipe (DiT train.py): AdamW(lr=1e-4, weight_decay=0), torch's default betas and
 # eps; update_ema(decay=0.9999) after every step.
@@ -61,6 +60,14 @@ def recipe_config(**model_overrides):
   for k, v in model_overrides.items():
     config.model[k] = v
   return config
+
+
+def fresh_parts(config):
+  """(model, diffusion, tx, lr schedule, a freshly initialised state) of `config`."""
+  model = train.build_model(config.model)
+  tx, schedule = ts.create_optimizer(config.optimizer)
+  state = jax.jit(ts.make_init_fn(model, tx, (1, 8, 8, 4)))(jax.random.key(1))
+  return model, train.create_diffusion(config.diffusion), tx, schedule, state
 
 
 def leaves(tree):
@@ -112,8 +119,7 @@ def run(ref_a):
   assert fresh.step.dtype == jnp.int32 and int(fresh.step) == 0  # An exact step counter.
   for e, p in zip(leaves(fresh.ema_params), leaves(fresh.params), strict=True):
     np.testing.assert_array_equal(e, p)  # The EMA starts at the parameters.
-  p0 = jax.tree.map(jnp.asarray, official.state_dict_to_params(
-      {k[len("param/"):]: ref_a[k] for k in ref_a if k.startswith("param/")}))
+  p0 = official_tree(ref_a)
   state0 = fresh.replace(params=p0, ema_params=p0)  # Adam moments and count from init: zero.
 
   b1, d1, y1 = batch_and_draws(ref_a, "train/x_start", ref_a["train/t"],
@@ -142,8 +148,7 @@ def run(ref_a):
 
 def _official(ref, prefix):
   """The official arrays under `prefix` as a list like `leaves(params)`."""
-  return leaves(official.state_dict_to_params(
-      {k[len(prefix):]: ref[k] for k in ref if k.startswith(prefix)}))
+  return leaves(official_tree(ref, prefix))
 
 
 def test_recipe_values_are_the_official_ones(run):
@@ -241,11 +246,7 @@ def test_own_draws_are_the_documented_ones():
   (`diffusion.sample_timesteps`, uniform: `train_step`'s own defaults), the float32 standard
   normal noise, the label-drop key and the encoder's key. At class_dropout_prob = 0 (nothing
   dropped) two steps on their own draws equal two steps fed those draws."""
-  config = recipe_config(class_dropout_prob=0.0)
-  model = train.build_model(config.model)
-  diffusion = train.create_diffusion(config.diffusion)
-  tx, _ = ts.create_optimizer(config.optimizer)
-  state = jax.jit(ts.make_init_fn(model, tx, (1, 8, 8, 4)))(jax.random.key(1))
+  model, diffusion, tx, _, state = fresh_parts(recipe_config(class_dropout_prob=0.0))
   # `train_step` itself with its defaults, as a caller that does not bind the config gets it.
   step = jax.jit(functools.partial(train.train_step, model=model, diffusion=diffusion, tx=tx,
                                    ema_decay=EMA_DECAY))
@@ -284,10 +285,7 @@ def test_bound_step_honours_the_configs_loss_options():
   config.diffusion.min_snr_gamma = 0.1
   config.diffusion.timestep_sampling, config.diffusion.timestep_power = "stratified", 0.5
   config.optimizer.warmup_steps = 4
-  model = train.build_model(config.model)
-  diffusion = train.create_diffusion(config.diffusion)
-  tx, schedule = ts.create_optimizer(config.optimizer)
-  state = jax.jit(ts.make_init_fn(model, tx, (1, 8, 8, 4)))(jax.random.key(1))
+  model, diffusion, tx, schedule, state = fresh_parts(config)
   x = jax.random.normal(jax.random.key(2), (6, 8, 8, 4))
   y = jnp.arange(6, dtype=jnp.int32)
   rng = jax.random.key(7)
