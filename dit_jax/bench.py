@@ -46,6 +46,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from dit_jax import errors
+from dit_jax import host_memory
 from dit_jax import metrics as metrics_lib
 from dit_jax import sampling
 from dit_jax import sharding
@@ -342,6 +343,7 @@ def _main(argv: list[str]) -> int:
   if fv["steps"].value < 1 or fv["warmup"].value < 0:
     raise errors.UserError(f"--steps={fv['steps'].value} must be >= 1 and "
                            f"--warmup={fv['warmup'].value} >= 0")
+  host_memory.for_cpu_runs()  # Before any backend exists.
   try:
     sharding.set_num_cpu_devices(config.mesh)
   except ValueError as e:

@@ -44,6 +44,7 @@ from ml_collections import config_flags
 
 from dit_jax import checkpointing
 from dit_jax import errors
+from dit_jax import host_memory
 from dit_jax import sharding
 from dit_jax import shutdown
 from dit_jax import train
@@ -161,7 +162,8 @@ def _train(argv, debug: bool = False) -> None:
     raise errors.UserError(f"unexpected arguments: {argv[1:]}")
   # One line per cause for a failed save's background threads (`--debug`: as printed).
   shutdown.install(info=_LIBRARY_INFO_LOGS.value, debug=debug)
-  sharding.set_num_cpu_devices(_CONFIG.value.mesh)  # Before any backend exists.
+  host_memory.for_cpu_runs()  # Before any backend exists, like the next line.
+  sharding.set_num_cpu_devices(_CONFIG.value.mesh)
   kwargs = distributed_kwargs(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                               _PROCESS_ID.value)
   if kwargs is not None:
