@@ -54,6 +54,29 @@ def test_modulated_layer_norm_matches_flax(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", [(2, 5, 16), (3, 16)])
+def test_dense_dot_general_matches_lax(dtype, tol, shape):
+  x = _normal(6, shape, dtype)
+  w = _normal(7, (16, 12), dtype)
+  dims = (((len(shape) - 1,), (0,)), ((), ()))
+  _check(lambda x, w: ops.dense_dot_general(x, w, dims),  # noqa: E731
+         lambda x, w: jax.lax.dot_general(x, w, dims), (x, w), tol)
+
+
+def test_dense_dot_general_routing():
+  """The blocks' Dense layers take it on a CPU backend only; other contractions pass through."""
+  assert dit.dense_dot_general("cpu") is ops.dense_dot_general
+  assert dit.dense_dot_general("gpu") is None and dit.dense_dot_general("tpu") is None
+  x, w = _normal(0, (3, 4), jnp.float32), _normal(1, (3, 5), jnp.float32)
+  dims = (((0,), (0,)), ((), ()))  # Not Dense's contraction: plain lax.dot_general.
+  jaxpr = str(jax.make_jaxpr(lambda x, w: ops.dense_dot_general(x, w, dims))(x, w))
+  assert "custom_vjp_call" not in jaxpr
+  layer = dit.Mlp(8)
+  params = layer.init(jax.random.key(0), x)
+  assert str(jax.make_jaxpr(lambda p: layer.apply(p, x))(params)).count("custom_vjp_call") == 3
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
 def test_gelu_tanh_matches_jax(dtype, tol):
   x = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float32).astype(dtype)
   _check(ops.gelu_tanh, lambda x: nn.gelu(x, approximate=True), (x,), tol)

@@ -43,7 +43,8 @@ does not fix every detail; the choices made here are:
   layers, xavier-uniform. Final layer as in-context.
 
 Attention (`attention_impl="xla"`), the adaLN LayerNorm + modulation and the MLP's GELU run
-through `ops`, whose backward passes are written out (same values and gradients).
+through `ops`, whose backward passes are written out (same values and gradients); so do the
+blocks' Dense products on a CPU backend (`dense_dot_general`).
 
 Precision: parameters are stored in `param_dtype` and the computation runs in `dtype`
 (e.g. bfloat16); LayerNorm statistics and the attention softmax are computed in float32, and
@@ -145,6 +146,13 @@ def layer_norm(name: Optional[str] = None, affine: bool = False, dtype: Dtype = 
                       use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def dense_dot_general(backend: Optional[str] = None):
+  """The `dot_general` of the blocks' Dense layers: `ops.dense_dot_general` (the kernel
+  gradient from 2-D views) on a CPU backend, None (flax's `lax.dot_general`) elsewhere, where
+  it has not been measured. Same values and gradients either way."""
+  return ops.dense_dot_general if (backend or jax.default_backend()) == "cpu" else None
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           implementation: Optional[str]) -> jax.Array:
   """Multi-head attention of `(B, T, N, H)` queries over `(B, S, N, H)` keys and values.
@@ -178,7 +186,8 @@ class Attention(nn.Module):
     n, t, d = x.shape
     hd = d // self.num_heads
     dense = lambda f, name: nn.Dense(f, kernel_init=xavier, bias_init=zeros, dtype=self.dtype,  # noqa: E731
-                                     param_dtype=self.param_dtype, name=name)
+                                     param_dtype=self.param_dtype, name=name,
+                                     dot_general=dense_dot_general())
     qkv = dense(3 * d, "qkv")(x).reshape(n, t, 3, self.num_heads, hd)
     o = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention_impl)
     return dense(d, "proj")(o.reshape(n, t, d))
@@ -204,7 +213,8 @@ class CrossAttention(nn.Module):
     s = context.shape[1]
     hd = d // self.num_heads
     dense = lambda f, name: nn.Dense(f, kernel_init=xavier, bias_init=zeros, dtype=self.dtype,  # noqa: E731
-                                     param_dtype=self.param_dtype, name=name)
+                                     param_dtype=self.param_dtype, name=name,
+                                     dot_general=dense_dot_general())
     q = dense(d, "q")(x).reshape(n, t, self.num_heads, hd)
     kv = dense(2 * d, "kv")(context).reshape(n, s, 2, self.num_heads, hd)
     o = dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], self.attention_impl)
@@ -227,7 +237,8 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
     dense = lambda f, name: nn.Dense(f, kernel_init=xavier, bias_init=zeros, dtype=self.dtype,  # noqa: E731
-                                     param_dtype=self.param_dtype, name=name)
+                                     param_dtype=self.param_dtype, name=name,
+                                     dot_general=dense_dot_general())
     x = ops.gelu_tanh(dense(self.hidden_features, "fc1")(x))
     return dense(d, "fc2")(x)
 

@@ -23,6 +23,11 @@ compiles it, makes more passes over memory than the maths needs (README, "Perfor
     d shift = sum_t g,  d scale = sum_t g * x_hat,
     dx = r * (g' - mean_D(g') - x_hat * mean_D(g' * x_hat))
 
+* `dense_dot_general(x, w, ...)`: `nn.Dense`'s product `x w` (x `(..., K)`, w `(K, N)`), whose
+  backward computes `dW = x2^T g2` from the 2-D views `x2 = x.reshape(-1, K)`,
+  `g2 = g.reshape(-1, N)` and `dx = g w^T`. JAX's own transpose of a 3-D `x` contracts `dW`
+  over two axes (batch and tokens), and XLA:CPU then copies operands about; from 2-D views
+  DiT-S/2's CPU training step measured 11% faster (docs/performance.md).
 * `gelu_tanh(x)`: `0.5 x (1 + tanh(u))`, `u = c (x + 0.044715 x^3)`, `c = sqrt(2 / pi)`
   (`jax.nn.gelu(approximate=True)`), with `d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u)
   c (1 + 3 * 0.044715 x^2)` from the saved input.
@@ -34,6 +39,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from jax import lax
 
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
@@ -139,3 +146,36 @@ def _gelu_bwd(x, g):
 
 
 gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> jax.Array:
+  """`lax.dot_general` for `nn.Dense(dot_general=...)`; Dense's contraction (lhs's last axis
+  with rhs's first) goes through `_dense` (the backward above), anything else through
+  `lax.dot_general` unchanged."""
+  if (dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2
+      or preferred_element_type is not None):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
+  return _dense(lhs, rhs, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x, w, precision):
+  return _dense_fwd(x, w, precision)[0]
+
+
+def _dense_fwd(x, w, precision):
+  y = lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return y, (x, w)
+
+
+def _dense_bwd(precision, res, g):
+  x, w = res
+  dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dw = jnp.matmul(x2.T, g2, precision=precision)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
