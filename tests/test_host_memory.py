@@ -1,4 +1,5 @@
 """host_memory: glibc keeps XLA's freed temporary buffer, so a repeated step stops page-faulting."""
+import importlib
 import os
 import pathlib
 import subprocess
@@ -7,7 +8,9 @@ import sys
 import jax
 import pytest
 
+from dit_jax import errors
 from dit_jax import host_memory
+from dit_jax import shutdown
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -67,3 +70,21 @@ def test_nothing_changes_once_a_backend_exists(monkeypatch):
   monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
   assert not host_memory.for_cpu_runs()
   assert not calls
+
+
+@pytest.mark.parametrize("cli", ["main", "bench", "sample"])
+def test_the_command_lines_apply_it(monkeypatch, tmp_path, cli):
+  """main, bench and sample call `for_cpu_runs` (which acts only before a backend exists)."""
+  argv = {"main": [f"--config={REPO / 'configs' / 'testing.py'}", f"--workdir={tmp_path}"],
+          "bench": [f"--config={REPO / 'configs' / 'testing.py'}"],
+          "sample": ["--ckpt", str(tmp_path / "w.pt"), "--out", str(tmp_path / "g.png")]}[cli]
+  calls = []
+
+  def stop():
+    calls.append(cli)
+    raise errors.UserError("stopped at host_memory.for_cpu_runs")
+
+  monkeypatch.setattr(host_memory, "for_cpu_runs", stop)
+  monkeypatch.setattr(shutdown, "install", lambda **kw: None)  # main's log routing: not here.
+  assert importlib.import_module(f"dit_jax.{cli}").main(argv) == errors.EXIT_USER_ERROR
+  assert calls == [cli]
