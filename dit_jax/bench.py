@@ -299,6 +299,9 @@ def format_table(r: dict) -> str:
       ("MFU (measured peak)", f"{100 * r['mfu_measured']:.3g}%"),
       ("peak memory", "n/a" if mem is None else f"{mem / 2**30:.2f} GiB"),
   ]
+  if "host_memory_kept" in r:
+    rows.append(("host memory", "kept between steps (host_memory)" if r["host_memory_kept"]
+                 else "glibc's defaults"))
   if r["mode"] == "sample":
     rows.insert(4, ("sampling step", f"{r['sampling_step_s']:.4g} s "
                                      f"({r['model_calls_per_sample_step']} model batch(es))"))
@@ -343,7 +346,7 @@ def _main(argv: list[str]) -> int:
   if fv["steps"].value < 1 or fv["warmup"].value < 0:
     raise errors.UserError(f"--steps={fv['steps'].value} must be >= 1 and "
                            f"--warmup={fv['warmup'].value} >= 0")
-  host_memory.for_cpu_runs()  # Before any backend exists.
+  kept = host_memory.for_cpu_runs()  # Before any backend exists.
   try:
     sharding.set_num_cpu_devices(config.mesh)
   except ValueError as e:
@@ -356,6 +359,7 @@ def _main(argv: list[str]) -> int:
   bench = bench_train if fv["mode"].value == "train" else bench_sample
   result = bench(config, steps=fv["steps"].value, warmup=fv["warmup"].value, mesh=mesh,
                  matmul_size=fv["matmul_size"].value)
+  result["host_memory_kept"] = kept
   print(format_table(result))
   line = json.dumps(result)
   print(line)

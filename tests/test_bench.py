@@ -15,6 +15,7 @@ from dit_jax import train
 
 
 def test_train_bench_cli_figures_agree(tmp_path, capsys):
+  jax.devices()  # A backend exists (whichever test runs first), so host_memory stays off.
   out = tmp_path / "bench.json"
   code = bench.main([f"--config={CONFIGS / 'testing.py'}", "--config.global_batch_size=8",
                      "--steps=3", "--warmup=1", "--num_devices=1", "--matmul_size=256",
@@ -42,6 +43,9 @@ def test_train_bench_cli_figures_agree(tmp_path, capsys):
   # CPU: no data-sheet peak and no memory statistics.
   assert r["mfu_datasheet"] is None and r["peak_memory_bytes"] is None
   assert r["compile_s"] > 0 and r["lower_s"] > 0
+  # In-process (a backend exists already) host_memory changes nothing, and the result says so.
+  assert r["host_memory_kept"] is False
+  assert any(line.startswith("host memory") and "glibc's defaults" in line for line in printed)
 
 
 def test_sample_bench_counts_guided_model_calls():
