@@ -346,7 +346,8 @@ def _main(argv: list[str]) -> int:
   if fv["steps"].value < 1 or fv["warmup"].value < 0:
     raise errors.UserError(f"--steps={fv['steps'].value} must be >= 1 and "
                            f"--warmup={fv['warmup'].value} >= 0")
-  kept = host_memory.for_cpu_runs()  # Before any backend exists.
+  kept = fv["mode"].value == "train" and host_memory.for_cpu_runs(  # Before any backend exists.
+      metrics_lib.dit_train_flops(train.build_model(config.model), config.global_batch_size))
   try:
     sharding.set_num_cpu_devices(config.mesh)
   except ValueError as e:

@@ -19,6 +19,13 @@ S/2 steps, 2.29-2.31 GB resident, against 2.18 GB with glibc's defaults). The co
 for each step instead of queueing the next one (on a CPU both compete for the same cores), and
 the heap keeps its peak size for the process's lifetime (it is needed again every step).
 
+Waiting costs little only for a large step. On the digits demo (a 329K-parameter model, about
+8 ms per step) it took training from ~125 to ~70 steps per second, since Python's few
+milliseconds per step no longer overlap the computation. So `for_cpu_runs(step_flops)` acts
+only for a training step of at least `MIN_STEP_FLOPS` (`metrics.dit_train_flops`). Such a step
+takes about half a second or more on a CPU, and its buffer runs to hundreds of MB. A
+sampling loop allocates its buffer once per call, not once per step, and is left alone.
+
 It changes process-wide settings, so only the command lines call it, once, before JAX creates
 its CPU client, and only when the run computes on the CPU (`computes_on_cpu`): an accelerator
 run's host does little large allocation and keeps the defaults.
@@ -36,6 +43,10 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 
 SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+
+# Training FLOPs per step from which a CPU run keeps freed memory (DiT-S/2 at batch 8: 291e9;
+# the digits demo: 0.33e9).
+MIN_STEP_FLOPS = 50e9
 
 
 def _glibc():
@@ -98,8 +109,10 @@ def _backends_started() -> bool:
   return bool(started and started())
 
 
-def for_cpu_runs() -> bool:
-  """`keep_freed_memory()` if `computes_on_cpu()` and no JAX backend exists yet (a command
-  line called from a process that already computes, e.g. a test, changes nothing); what the
-  command lines call first. True if the settings were applied."""
-  return not _backends_started() and computes_on_cpu() and keep_freed_memory()
+def for_cpu_runs(step_flops: float) -> bool:
+  """`keep_freed_memory()` for a training run whose step costs `step_flops` (at least
+  `MIN_STEP_FLOPS`), if `computes_on_cpu()` and no JAX backend exists yet (a command line
+  called from a process that already computes, e.g. a test, changes nothing); what the
+  training command lines call first. True if the settings were applied."""
+  return (step_flops >= MIN_STEP_FLOPS and not _backends_started() and computes_on_cpu()
+          and keep_freed_memory())

@@ -45,6 +45,7 @@ from ml_collections import config_flags
 from dit_jax import checkpointing
 from dit_jax import errors
 from dit_jax import host_memory
+from dit_jax import metrics
 from dit_jax import sharding
 from dit_jax import shutdown
 from dit_jax import train
@@ -162,7 +163,9 @@ def _train(argv, debug: bool = False) -> None:
     raise errors.UserError(f"unexpected arguments: {argv[1:]}")
   # One line per cause for a failed save's background threads (`--debug`: as printed).
   shutdown.install(info=_LIBRARY_INFO_LOGS.value, debug=debug)
-  host_memory.for_cpu_runs()  # Before any backend exists, like the next line.
+  config = _CONFIG.value  # Before any backend exists, like the next line:
+  host_memory.for_cpu_runs(metrics.dit_train_flops(train.build_model(config.model),
+                                                   config.global_batch_size))
   sharding.set_num_cpu_devices(_CONFIG.value.mesh)
   kwargs = distributed_kwargs(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                               _PROCESS_ID.value)

@@ -23,7 +23,6 @@ import math
 import sys
 
 from dit_jax import errors
-from dit_jax import host_memory
 from dit_jax.errors import UserError
 
 PROG = "python -m dit_jax.sample"
@@ -94,7 +93,6 @@ def _main(argv) -> int:
   from dit_jax import generate  # pylint: disable=import-outside-toplevel
 
   args = make_parser().parse_args(argv)
-  host_memory.for_cpu_runs()  # Before any backend exists.
   generate.init_distributed(args)
   out = str(args.out)
   if not out.endswith((".png", ".npz")):

@@ -8,9 +8,12 @@ import sys
 import jax
 import pytest
 
+from conftest import load_config
 from dit_jax import errors
 from dit_jax import host_memory
+from dit_jax import metrics
 from dit_jax import shutdown
+from dit_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -21,7 +24,7 @@ _FAULTS = """
 import resource, sys
 from dit_jax import host_memory
 if sys.argv[1] == "keep":
-  assert host_memory.for_cpu_runs(), "settings not applied"
+  assert host_memory.for_cpu_runs(host_memory.MIN_STEP_FLOPS), "settings not applied"
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sum(jnp.cumsum(x) * jnp.cumsum(x)[::-1]))
 x = jnp.ones((1 << 24,), jnp.float32)
@@ -64,27 +67,36 @@ def test_which_runs_count_as_cpu_runs(monkeypatch):
   assert not host_memory.computes_on_cpu()
 
 
-def test_nothing_changes_once_a_backend_exists(monkeypatch):
+def test_nothing_changes_once_a_backend_exists_or_for_a_small_step(monkeypatch):
   jax.devices()  # This process computes already (as when a test calls a command line).
   calls = []
   monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
-  assert not host_memory.for_cpu_runs()
+  assert not host_memory.for_cpu_runs(1e15)
   assert not calls
+  monkeypatch.setattr(host_memory, "_backends_started", lambda: False)
+  monkeypatch.setattr(host_memory, "computes_on_cpu", lambda: True)
+  assert not host_memory.for_cpu_runs(0.99 * host_memory.MIN_STEP_FLOPS)  # e.g. the digits demo
+  assert not calls
+  assert host_memory.for_cpu_runs(host_memory.MIN_STEP_FLOPS)
+  assert calls == [1]
 
 
-@pytest.mark.parametrize("cli", ["main", "bench", "sample"])
-def test_the_command_lines_apply_it(monkeypatch, tmp_path, cli):
-  """main, bench and sample call `for_cpu_runs` (which acts only before a backend exists)."""
-  argv = {"main": [f"--config={REPO / 'configs' / 'testing.py'}", f"--workdir={tmp_path}"],
-          "bench": [f"--config={REPO / 'configs' / 'testing.py'}"],
-          "sample": ["--ckpt", str(tmp_path / "w.pt"), "--out", str(tmp_path / "g.png")]}[cli]
+@pytest.mark.parametrize("cli", ["main", "bench"])
+def test_the_training_command_lines_apply_it(monkeypatch, tmp_path, cli):
+  """main and bench call `for_cpu_runs` with the step's training FLOPs (it acts only before a
+  backend exists, for a large step)."""
+  config = REPO / "configs" / "testing.py"
+  argv = {"main": [f"--config={config}", f"--workdir={tmp_path}"],
+          "bench": [f"--config={config}", "--config.global_batch_size=8"]}[cli]
   calls = []
 
-  def stop():
-    calls.append(cli)
+  def stop(step_flops):
+    calls.append(step_flops)
     raise errors.UserError("stopped at host_memory.for_cpu_runs")
 
   monkeypatch.setattr(host_memory, "for_cpu_runs", stop)
   monkeypatch.setattr(shutdown, "install", lambda **kw: None)  # main's log routing: not here.
   assert importlib.import_module(f"dit_jax.{cli}").main(argv) == errors.EXIT_USER_ERROR
-  assert calls == [cli]
+  cfg = load_config()
+  batch = 8 if cli == "bench" else cfg.global_batch_size
+  assert calls == [metrics.dit_train_flops(train.build_model(cfg.model), batch)]
