@@ -23,7 +23,7 @@ Waiting costs little only for a large step. On the digits demo (a 329K-parameter
 8 ms per step) it took training from ~125 to ~70 steps per second, since Python's few
 milliseconds per step no longer overlap the computation. So `for_cpu_runs(step_flops)` acts
 only for a training step of at least `MIN_STEP_FLOPS` (`metrics.dit_train_flops`). Such a step
-takes about half a second or more on a CPU, and its buffer runs to hundreds of MB. A
+takes 0.4 s or more on the 2-core VM, and its buffer runs to hundreds of MB. A
 sampling loop allocates its buffer once per call, not once per step, and is left alone.
 
 It changes process-wide settings, so only the command lines call it, once, before JAX creates
