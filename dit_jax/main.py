@@ -166,7 +166,7 @@ def _train(argv, debug: bool = False) -> None:
   config = _CONFIG.value  # Before any backend exists, like the next line:
   host_memory.for_cpu_runs(metrics.dit_train_flops(train.build_model(config.model),
                                                    config.global_batch_size))
-  sharding.set_num_cpu_devices(_CONFIG.value.mesh)
+  sharding.set_num_cpu_devices(config.mesh)
   kwargs = distributed_kwargs(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                               _PROCESS_ID.value)
   if kwargs is not None:

@@ -94,7 +94,10 @@ def build_model(config_model) -> DiT:
       scan=bool(config_model.get("scan", False)),
       fused_adaln=bool(config_model.get("fused_adaln", False)),
       ln_grad_barrier=config_model.get("ln_grad_barrier"))
-  return DiT(**kwargs)
+  try:
+    return DiT(**kwargs)
+  except ValueError as e:  # DiT's own checks name the field (e.g. "dtype='int8' must be ...").
+    raise errors.UserError(f"config.model: {e}") from e
 
 
 def create_diffusion(config_diffusion) -> dd.GaussianDiffusion:

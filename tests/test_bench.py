@@ -69,6 +69,8 @@ def test_sample_bench_counts_guided_model_calls():
     (["--steps=0"], "--steps=0"),
     (["--config.model.no_such_field=1"], "no_such_field"),
     (["--mode=fly"], "--mode"),
+    (["--config.model.num_heads=5"], "config.model: hidden_size=32 is not divisible by "
+                                     "num_heads=5"),
 ])
 def test_bench_user_errors_are_one_line(args, message, capsys):
   code = bench.main([f"--config={CONFIGS / 'testing.py'}"] + args)

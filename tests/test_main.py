@@ -95,6 +95,8 @@ def test_main_smoke_run_writes_events_grid_samples_and_checkpoints(tmp_path):
      "--config=configs/nope.py: no such file 'configs/nope.py'."),
     ("negative batch", ["--config=configs/testing.py", "--config.global_batch_size=-1"],
      "config.global_batch_size=-1 must be > 0."),
+    ("integer dtype", ["--config=configs/testing.py", "--config.model.dtype=int8"],
+     "config.model: dtype='int8' must be a floating dtype (e.g. 'float32', 'bfloat16')"),
 ])
 def test_main_user_errors_are_one_line_and_exit_2(tmp_path, capsys, case, args, message):
   workdir = tmp_path / "run"

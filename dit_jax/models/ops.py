@@ -38,9 +38,8 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
-
 from jax import lax
+import jax.numpy as jnp
 
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_A = 0.044715
